@@ -1,0 +1,29 @@
+"""Exceptions raised by distnorm, and how they name the layer at fault.
+
+Every error distnorm raises derives from :class:`DistNormError`, so callers can catch the
+library's refusals without catching unrelated torch errors.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class DistNormError(Exception):
+    """Base class of every error distnorm raises."""
+
+
+class ConversionError(DistNormError, TypeError):
+    """A module cannot be converted (or reverted) without changing what it computes."""
+
+
+class InputError(DistNormError, ValueError):
+    """A layer received an input it cannot normalize (shape, dtype, or too few values)."""
+
+
+def layer_label(module: nn.Module) -> str:
+    """``"SyncBatchNorm 'layer1.0.bn1'"`` when :func:`distnorm.convert_model` named the
+    module, else just its class name; used so that errors say *which* layer failed."""
+    name = getattr(module, "_distnorm_name", None)
+    kind = type(module).__name__
+    return f"{kind} '{name}'" if name else kind

@@ -1,0 +1,269 @@
+"""Synchronized BatchNorm: the statistics of a whole group's batch, one all-reduce each way.
+
+Maths: Ioffe & Szegedy (2015), "Batch Normalization: Accelerating Deep Network Training by
+Reducing Internal Covariate Shift", Algorithm 1, with the mini-batch B taken as the
+concatenation of the batches of every rank in the process group (cross-GPU BatchNorm,
+Peng et al. 2018, "MegDet", arXiv:1711.07240)::
+
+    mu      = 1/m * sum_i x_i                      (m values per channel, over all ranks)
+    sigma^2 = 1/m * sum_i (x_i - mu)^2
+    xhat_i  = (x_i - mu) / sqrt(sigma^2 + eps)
+    y_i     = gamma * xhat_i + beta
+
+and, in backward, the chain rule of Algorithm 1 (Ioffe & Szegedy, Sec. 3)::
+
+    dL/dx_i = gamma / sqrt(sigma^2 + eps) * (g_i - mean_j g_j - xhat_i * mean_j(g_j * xhat_j))
+
+where the two means again run over the whole group's batch.
+
+What it guarantees:
+
+* Exactly the statistics of the concatenated batch, whatever each rank holds: uneven batch
+  sizes, and ranks with an empty batch (which still join both collectives and get a zero
+  local gradient for weight and bias, as they contributed nothing).
+* Communication of a fixed size: forward all-reduces ``[sum(x-K), sum((x-K)^2), count]``
+  (``2C + 1`` values), backward ``[sum(g), sum(g * xhat)]`` (``2C``), whatever the world size.
+  ``torch.nn.SyncBatchNorm`` all-gathers ``W * (2C + 1)`` values instead.
+* A numerically stable variance. The sums are taken about a per-channel shift ``K`` that
+  every rank holds bit for bit (the previous step's global mean), the "shifted data"
+  formula of Chan, Golub & LeVeque (1983, "Algorithms for computing the sample variance:
+  analysis and recommendations"). ``E[(x-K)^2] - E[x-K]^2`` loses nothing when ``K`` is
+  near the mean, where ``E[x^2] - E[x]^2`` in fp32 loses everything once ``|mean| >> std``.
+  The first training call of a layer has no previous mean, so it makes one extra
+  all-reduce of ``C + 1`` values to agree on one; every later call makes exactly one.
+* fp16/bf16 inputs keep fp32 statistics and communication (fp64 inputs keep fp64); the
+  output has the input's dtype and memory format (``channels_last`` is preserved).
+* Running statistics updated as ``nn.BatchNorm`` would on the concatenated batch: unbiased
+  variance over the global count, cumulative average when ``momentum=None``.
+
+What it costs: one extra elementwise pass over the input in forward (``x - K``) and the two
+collectives above. In eval mode, or when the group has a single rank (including no process
+group at all), it is plain ``nn.BatchNorm`` with no communication.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from distnorm import comm
+from distnorm.errors import InputError, layer_label
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 statistics for half-precision and fp32 inputs, fp64 for fp64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _channel_shape(input: Tensor) -> list[int]:
+    """Shape that broadcasts a per-channel vector against ``input`` of shape (N, C, *)."""
+    return [1, input.size(1)] + [1] * (input.dim() - 2)
+
+
+def _reduced_dims(input: Tensor) -> list[int]:
+    """Every dimension but the channel one."""
+    return [0] + list(range(2, input.dim()))
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Batch normalization over the concatenated batch of ``group``'s ranks.
+
+    Forward returns ``(output, mean, var, count)``; the last three (biased variance,
+    global element count per channel) are non-differentiable and feed the running
+    statistics.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        shift: Tensor,
+        eps: float,
+        group: comm.Group,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        channels = input.size(1)
+        dims, shape = _reduced_dims(input), _channel_shape(input)
+        local_count = input.numel() // channels
+
+        # Local sums about the shared shift K, in one stable pass (var_mean) over x - K.
+        centred = input.to(shift.dtype) - shift.view(shape)
+        if local_count > 0:
+            local_var, local_mean = torch.var_mean(centred, dim=dims, correction=0)
+            local_sum = local_mean * local_count
+            local_sum_sq = (local_var + local_mean.square()) * local_count
+        else:
+            local_sum = local_sum_sq = shift.new_zeros(channels)
+
+        # The one forward collective: [sum(x-K), sum((x-K)^2), count], 2C + 1 values.
+        packed = torch.cat([local_sum, local_sum_sq, shift.new_full((1,), local_count)])
+        comm.all_reduce_sum_(packed, group)
+        total_sum, total_sum_sq, count = packed[:channels], packed[channels:-1], packed[-1]
+
+        denominator = count.clamp(min=1)
+        mean_offset = total_sum / denominator  # E[x - K]
+        var = (total_sum_sq / denominator - mean_offset.square()).clamp(min=0)
+        invstd = torch.rsqrt(var + eps)
+
+        # y = gamma * (x - mu) / sqrt(var + eps) + beta, with x - mu = (x - K) - E[x - K].
+        xhat = (centred - mean_offset.view(shape)) * invstd.view(shape)
+        output = xhat
+        if weight is not None:
+            output = output * weight.to(shift.dtype).view(shape)
+        if bias is not None:
+            output = output + bias.to(shift.dtype).view(shape)
+
+        ctx.save_for_backward(input, weight, shift, mean_offset, invstd, count)
+        ctx.group = group
+        mean = shift + mean_offset
+        ctx.mark_non_differentiable(mean, var, count)
+        return output.to(input.dtype), mean, var, count
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_output: Tensor, *_unused_stat_grads: Tensor
+    ) -> tuple[Optional[Tensor], ...]:
+        input, weight, shift, mean_offset, invstd, count = ctx.saved_tensors
+        dims, shape = _reduced_dims(input), _channel_shape(input)
+        channels = input.size(1)
+
+        grad = grad_output.to(shift.dtype)
+        # xhat recomputed as in forward, (x - K) - E[x - K], rather than saved: saving the
+        # input costs nothing extra, saving xhat would cost a full fp32 copy.
+        centred = input.to(shift.dtype) - shift.view(shape)
+        xhat = (centred - mean_offset.view(shape)) * invstd.view(shape)
+        local_sum_grad = grad.sum(dim=dims)
+        local_sum_grad_xhat = (grad * xhat).sum(dim=dims)
+
+        # weight and bias receive this rank's share only; DDP (or the user) sums the
+        # shares across ranks, exactly as for any other parameter.
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_weight = local_sum_grad_xhat.to(weight.dtype) if needs_weight else None
+        grad_bias = local_sum_grad.to(weight.dtype) if needs_bias else None
+
+        grad_input = None
+        if needs_input:
+            # The one backward collective: [sum(g), sum(g * xhat)], 2C values.
+            packed = torch.cat([local_sum_grad, local_sum_grad_xhat])
+            comm.all_reduce_sum_(packed, ctx.group)
+            denominator = count.clamp(min=1)
+            mean_grad = (packed[:channels] / denominator).view(shape)
+            mean_grad_xhat = (packed[channels:] / denominator).view(shape)
+            scale = invstd if weight is None else invstd * weight.to(shift.dtype)
+            grad_input = (grad - mean_grad - xhat * mean_grad_xhat) * scale.view(shape)
+            grad_input = grad_input.to(input.dtype)
+
+        return grad_input, grad_weight, grad_bias, None, None, None
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Drop-in for ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` on inputs ``(N, C, *)``
+    whose training statistics span every rank of ``process_group``.
+
+    Same constructor, parameters, buffers and ``state_dict`` keys as ``nn.SyncBatchNorm``,
+    so checkpoints load both ways. See the module docstring for the maths, guarantees and
+    costs. ``process_group=None`` means the default (world) group.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: comm.Group = None,
+        device: Any = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self._init_sync_state(process_group)
+
+    def _init_sync_state(self, process_group: comm.Group) -> None:
+        """Attributes a synchronized layer holds besides those of ``_BatchNorm``; also
+        called by :func:`distnorm.convert_model` on modules it re-classes."""
+        self.process_group = process_group
+        # Per-channel shift about which the sums are taken: the previous global batch
+        # mean, identical on every rank because it is computed from all-reduced values.
+        # Derived communication state, not model state, hence not a buffer.
+        self._shift: Optional[Tensor] = None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise InputError(
+                f"{layer_label(self)} expects an input of shape (N, C, *), got {input.dim()}-D "
+                f"input of shape {tuple(input.shape)}"
+            )
+        if input.size(1) != self.num_features:
+            raise InputError(
+                f"{layer_label(self)} has {self.num_features} channels but its input has "
+                f"{input.size(1)} (shape {tuple(input.shape)}); check the preceding layer"
+            )
+        if not input.is_floating_point():
+            raise InputError(
+                f"{layer_label(self)} normalizes floating-point inputs, got {input.dtype}; "
+                "convert the input with .float() first"
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or comm.group_size(self.process_group) == 1:
+            return super().forward(input)  # plain BatchNorm maths, no communication
+        self._check_input_dim(input)
+
+        output, mean, var, count = _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, self._agreed_shift(input), self.eps, self.process_group
+        )
+        self._shift = mean.detach()
+
+        # Only a rank holding fewer than two values per channel can belong to a group that
+        # holds fewer than two in all, so only such a rank reads the global count on the host.
+        group_batch_is_empty = False
+        if input.numel() < 2 * input.size(1):
+            global_count = int(count.item())
+            if global_count == 1:
+                raise InputError(
+                    f"{layer_label(self)} got 1 value per channel across its whole group "
+                    f"({comm.describe_group(self.process_group)}) in training mode; BatchNorm "
+                    "needs at least 2: use a larger batch, a larger sync group, or a "
+                    "normalization without batch statistics"
+                )
+            group_batch_is_empty = global_count == 0
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, count, group_batch_is_empty)
+        return output
+
+    def _agreed_shift(self, input: Tensor) -> Tensor:
+        """The shift every rank holds; on the first training call, the global mean from
+        one extra all-reduce of ``[sum(x), count]``."""
+        dtype = _stats_dtype(input.dtype)
+        if self._shift is not None:
+            return self._shift.to(device=input.device, dtype=dtype)
+        values = input.detach().to(dtype)  # the result does not depend on K: no gradient
+        packed = torch.cat(
+            [values.sum(dim=_reduced_dims(input)), values.new_full((1,), values[:, :1].numel())]
+        )
+        comm.all_reduce_sum_(packed, self.process_group)
+        return packed[:-1] / packed[-1].clamp(min=1)
+
+    @torch.no_grad()
+    def _update_running_stats(
+        self, mean: Tensor, var: Tensor, count: Tensor, group_batch_is_empty: bool
+    ) -> None:
+        """``running = (1 - f) * running + f * batch`` with the unbiased global variance,
+        ``f = momentum``, or ``1 / num_batches_tracked`` when momentum is None. An empty
+        group batch counts as a batch but leaves the statistics alone, as in nn.BatchNorm."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        if group_batch_is_empty:
+            return
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased_var = var * (count / (count - 1))
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
