@@ -1,0 +1,63 @@
+"""Run a function on W real processes joined by a gloo process group.
+
+The tests of anything that communicates go through here: real processes, real gloo
+collectives, nothing mocked. Each worker's return value (tensors, numbers, containers of
+them) comes back to the parent, which compares them against a single-process float64
+reference. A worker that raises fails the test with its traceback; a hang fails it at the
+deadline instead of freezing the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_on_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0
+) -> list[Any]:
+    """``[fn(rank, world_size, *args) for each rank]``, each call in its own process with
+    the default process group (gloo, CPU) initialized. ``fn`` must be importable by name
+    (a module-level function) since the processes are spawned."""
+    with tempfile.TemporaryDirectory(prefix="distnorm-test-") as folder:
+        context = mp.start_processes(
+            _worker,
+            args=(fn, world_size, folder, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = timeout_s
+        while not context.join(timeout=1.0):
+            deadline -= 1.0
+            if deadline <= 0:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks ran past {timeout_s} s")
+        return [torch.load(os.path.join(folder, f"{r}.pt")) for r in range(world_size)]
+
+
+def _worker(rank: int, fn: Callable[..., Any], world_size: int, folder: str, args: tuple) -> None:
+    torch.set_num_threads(1)  # W processes share 2 cores here
+    # torch warns, and carries on, when autograd records a collective it cannot
+    # differentiate ("may lead to silently incorrect behavior"): here that is a failure.
+    warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.join(folder, 'store')}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(folder, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

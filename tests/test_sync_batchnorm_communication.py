@@ -1,0 +1,126 @@
+"""What a converted model sends during one training step: exactly one all-reduce per
+SyncBatchNorm in forward and one in backward, nothing else, and the same bytes at world
+size 2 and 4 (torch's SyncBatchNorm all-gathers W * (2C + 1) values per layer instead).
+
+Collectives are counted by wrapping the real ``torch.distributed`` functions for the
+duration of a step; every call still goes through to gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import distnorm
+from tests.multiprocess import run_on_ranks
+
+# Every public collective (and barrier): anything a layer might use shows up in the log.
+COLLECTIVES = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "gather",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+)
+CHANNELS = (8, 16, 10)
+
+
+@contextlib.contextmanager
+def recorded_collectives() -> Iterator[list[tuple[str, int]]]:
+    """Yield a list that fills with ``(collective, tensor bytes)`` for each call made."""
+    log: list[tuple[str, int]] = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def recording(name: str):
+        def call(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            log.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, recording(name))
+    try:
+        yield log
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def small_cnn() -> nn.Module:
+    c1, c2, c3 = CHANNELS
+    return nn.Sequential(
+        nn.Conv2d(3, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.BatchNorm2d(c2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, c3), nn.BatchNorm1d(c3),
+    )  # fmt: skip
+
+
+def one_step_worker(rank: int, world_size: int) -> dict[str, list[tuple[str, int]]]:
+    torch.manual_seed(0)
+    model = distnorm.convert_model(small_cnn())
+    logs = {}
+    for step in ("first", "second"):
+        x = torch.randn(2 + rank, 3, 6, 6)
+        with recorded_collectives() as logs[f"{step}_forward"]:
+            loss = model(x).square().mean()
+        with recorded_collectives() as logs[f"{step}_backward"]:
+            loss.backward()
+    return logs
+
+
+@pytest.fixture(scope="module")
+def logs_by_world_size() -> dict[int, list[dict]]:
+    return {w: run_on_ranks(one_step_worker, w) for w in (2, 4)}
+
+
+def forward_bytes() -> int:
+    return sum(4 * (2 * c + 1) for c in CHANNELS)
+
+
+def backward_bytes() -> int:
+    return sum(4 * (2 * c) for c in CHANNELS)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_one_all_reduce_per_layer_each_way(logs_by_world_size, world_size: int) -> None:
+    for logs in logs_by_world_size[world_size]:
+        forward, backward = logs["second_forward"], logs["second_backward"]
+        assert [name for name, _ in forward] == ["all_reduce"] * len(CHANNELS)
+        assert [name for name, _ in backward] == ["all_reduce"] * len(CHANNELS)
+        assert sum(size for _, size in forward) == forward_bytes()
+        assert sum(size for _, size in backward) == backward_bytes()
+
+
+def test_payload_does_not_grow_with_world_size(logs_by_world_size) -> None:
+    per_size = {
+        w: {(key, tuple(log)) for logs in runs for key, log in logs.items()}
+        for w, runs in logs_by_world_size.items()
+    }
+    assert per_size[2] == per_size[4]
+
+
+def test_first_step_agrees_on_a_shift_once(logs_by_world_size) -> None:
+    """The documented one-off: a layer's first training forward adds one all-reduce of
+    C + 1 values to agree on the shift its sums are taken about."""
+    for logs in logs_by_world_size[4]:
+        first = logs["first_forward"]
+        assert [name for name, _ in first] == ["all_reduce"] * (2 * len(CHANNELS))
+        calibration = sum(4 * (c + 1) for c in CHANNELS)
+        assert sum(size for _, size in first) == forward_bytes() + calibration
+        assert logs["first_backward"] == logs["second_backward"]
