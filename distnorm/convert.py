@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -46,7 +47,13 @@ TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatch
 UNCONVERTED_NORMS = (nn.LayerNorm, nn.GroupNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 # What a synchronized layer holds besides its original's state; dropped again on revert.
-_SYNC_ATTRIBUTES = ("process_group", "_shift", "_distnorm_origin", "_distnorm_name", "_reached_sync")
+_SYNC_ATTRIBUTES = (
+    "process_group",
+    "_shift",
+    "_distnorm_origin",
+    "_distnorm_name",
+    "_reached_sync",
+)
 
 
 def convert_model(model: nn.Module, *, process_group: comm.Group = None) -> nn.Module:
@@ -64,7 +71,7 @@ def convert_model(model: nn.Module, *, process_group: comm.Group = None) -> nn.M
             "and wrap it afterwards: DDP(distnorm.convert_model(model))"
         )
 
-    def to_sync(name: str, module: nn.Module) -> Optional[nn.Module]:
+    def to_sync(name: str, module: nn.Module) -> nn.Module | None:
         if not isinstance(module, _BatchNorm) or isinstance(module, SyncBatchNorm):
             return None
         if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
@@ -92,7 +99,7 @@ def revert_model(model: nn.Module) -> nn.Module:
     so that eval outputs are identical. In place except at the root; use the return value.
     """
 
-    def to_torch(name: str, module: nn.Module) -> Optional[nn.Module]:
+    def to_torch(name: str, module: nn.Module) -> nn.Module | None:
         if not isinstance(module, SyncBatchNorm):
             return None
         origin = getattr(module, "_distnorm_origin", nn.BatchNorm2d)
@@ -163,7 +170,7 @@ def _where(name: str, module: nn.Module) -> str:
 
 
 def _replace_modules(
-    root: nn.Module, replace: Callable[[str, nn.Module], Optional[nn.Module]]
+    root: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None]
 ) -> nn.Module:
     """Apply ``replace(qualified_name, module)`` to ``root`` and every submodule, top down;
     a non-None result takes the module's place and is not descended into. A module shared

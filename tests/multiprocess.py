@@ -13,7 +13,8 @@ import datetime
 import os
 import tempfile
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,15 +22,19 @@ import torch.multiprocessing as mp
 
 
 def run_on_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
 ) -> list[Any]:
     """``[fn(rank, world_size, *args) for each rank]``, each call in its own process with
-    the default process group (gloo, CPU) initialized. ``fn`` must be importable by name
-    (a module-level function) since the processes are spawned."""
+    the default process group initialized (gloo by default; "nccl" puts rank r on GPU r).
+    ``fn`` must be importable by name (a module-level function): processes are spawned."""
     with tempfile.TemporaryDirectory(prefix="distnorm-test-") as folder:
         context = mp.start_processes(
             _worker,
-            args=(fn, world_size, folder, args),
+            args=(fn, world_size, backend, folder, args),
             nprocs=world_size,
             join=False,
             start_method="spawn",
@@ -44,13 +49,17 @@ def run_on_ranks(
         return [torch.load(os.path.join(folder, f"{r}.pt")) for r in range(world_size)]
 
 
-def _worker(rank: int, fn: Callable[..., Any], world_size: int, folder: str, args: tuple) -> None:
+def _worker(
+    rank: int, fn: Callable[..., Any], world_size: int, backend: str, folder: str, args: tuple
+) -> None:
     torch.set_num_threads(1)  # W processes share 2 cores here
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     # torch warns, and carries on, when autograd records a collective it cannot
     # differentiate ("may lead to silently incorrect behavior"): here that is a failure.
     warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{os.path.join(folder, 'store')}",
         rank=rank,
         world_size=world_size,

@@ -81,6 +81,9 @@ def one_step_worker(rank: int, world_size: int) -> dict[str, list[tuple[str, int
             loss = model(x).square().mean()
         with recorded_collectives() as logs[f"{step}_backward"]:
             loss.backward()
+    model.eval()
+    with recorded_collectives() as logs["eval_forward"]:
+        model(torch.randn(2, 3, 6, 6))
     return logs
 
 
@@ -113,6 +116,11 @@ def test_payload_does_not_grow_with_world_size(logs_by_world_size) -> None:
         for w, runs in logs_by_world_size.items()
     }
     assert per_size[2] == per_size[4]
+
+
+def test_eval_mode_does_not_communicate(logs_by_world_size) -> None:
+    for logs in logs_by_world_size[2]:
+        assert logs["eval_forward"] == []
 
 
 def test_first_step_agrees_on_a_shift_once(logs_by_world_size) -> None:

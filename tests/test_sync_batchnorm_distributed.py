@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import zlib
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -40,13 +39,17 @@ class Case:
     split: tuple[int, ...]
     spatial: str
     dtype: str
-    momentum: Optional[float] = 0.1
+    momentum: float | None = 0.1
     affine: bool = True
+    device: str = "cpu"
 
     @property
     def id(self) -> str:
         batches = "-".join(map(str, self.split))
-        return f"{batches}/{self.spatial}/{self.dtype}/m={self.momentum}/affine={self.affine}"
+        where = "" if self.device == "cpu" else f"/{self.device}"
+        return (
+            f"{batches}/{self.spatial}/{self.dtype}/m={self.momentum}/affine={self.affine}{where}"
+        )
 
 
 def cases_for(world_size: int) -> list[Case]:
@@ -90,13 +93,14 @@ def initial_affine(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def run_case_on_rank(case: Case, rank: int, group: Optional[object] = None) -> list[dict]:
+def run_case_on_rank(case: Case, rank: int, group: object | None = None) -> list[dict]:
     """This rank's part of ``case``: its slice of each step's batch through a SyncBatchNorm."""
     dtype = DTYPES[case.dtype]
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    device = torch.device(case.device)
     layer = distnorm.SyncBatchNorm(
         CHANNELS, momentum=case.momentum, affine=case.affine, process_group=group
-    ).to(stats_dtype)
+    ).to(device, stats_dtype)
     if case.affine:
         weight, bias = initial_affine(case)
         with torch.no_grad():
@@ -107,23 +111,23 @@ def run_case_on_rank(case: Case, rank: int, group: Optional[object] = None) -> l
     results = []
     for step in range(STEPS):
         x_global, grad_global = step_data(case, step)
-        x = x_global[rows].to(dtype)
+        x = x_global[rows].to(device, dtype)
         if case.spatial == "2d_channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(True)
         layer.zero_grad()
         y = layer(x)
-        y.backward(grad_global[rows].to(dtype))
+        y.backward(grad_global[rows].to(device, dtype))
         results.append(
             {
-                "output": y.detach().double(),
+                "output": y.detach().double().cpu(),
                 "output_dtype": y.dtype,
                 "channels_last": y.is_contiguous(memory_format=torch.channels_last),
-                "grad_input": x.grad.double(),
-                "grad_weight": layer.weight.grad.double() if case.affine else None,
-                "grad_bias": layer.bias.grad.double() if case.affine else None,
-                "running_mean": layer.running_mean.double().clone(),
-                "running_var": layer.running_var.double().clone(),
+                "grad_input": x.grad.double().cpu(),
+                "grad_weight": layer.weight.grad.double().cpu() if case.affine else None,
+                "grad_bias": layer.bias.grad.double().cpu() if case.affine else None,
+                "running_mean": layer.running_mean.double().cpu().clone(),
+                "running_var": layer.running_var.double().cpu().clone(),
                 "num_batches_tracked": int(layer.num_batches_tracked),
             }
         )
@@ -134,7 +138,7 @@ def all_cases_worker(rank: int, world_size: int, cases: list[Case]) -> dict[str,
     return {case.id: run_case_on_rank(case, rank) for case in cases}
 
 
-def reference_steps(case: Case, rows: Optional[slice] = None) -> list[dict]:
+def reference_steps(case: Case, rows: slice | None = None) -> list[dict]:
     """torch's own BatchNorm, single process, float64, on the concatenated batch (or on
     the ``rows`` of it that form one sync group)."""
     running_mean = torch.zeros(CHANNELS, dtype=torch.float64)

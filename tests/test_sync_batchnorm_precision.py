@@ -65,7 +65,7 @@ def test_one_process_is_torchs_batchnorm_bit_for_bit() -> None:
         y = layer(x)
         y.backward(torch.ones_like(y).cumsum(0))
         results.append((y, x.grad, layer.weight.grad, layer.running_mean, layer.running_var))
-    for expected, actual in zip(*results):
+    for expected, actual in zip(*results, strict=True):
         assert torch.equal(expected, actual)
 
 

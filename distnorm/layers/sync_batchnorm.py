@@ -43,7 +43,7 @@ group at all), it is plain ``nn.BatchNorm`` with no communication.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -80,8 +80,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any,
         input: Tensor,
-        weight: Optional[Tensor],
-        bias: Optional[Tensor],
+        weight: Tensor | None,
+        bias: Tensor | None,
         shift: Tensor,
         eps: float,
         group: comm.Group,
@@ -126,7 +126,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_output: Tensor, *_unused_stat_grads: Tensor
-    ) -> tuple[Optional[Tensor], ...]:
+    ) -> tuple[Tensor | None, ...]:
         input, weight, shift, mean_offset, invstd, count = ctx.saved_tensors
         dims, shape = _reduced_dims(input), _channel_shape(input)
         channels = input.size(1)
@@ -173,12 +173,12 @@ class SyncBatchNorm(_BatchNorm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         process_group: comm.Group = None,
         device: Any = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
@@ -192,7 +192,7 @@ class SyncBatchNorm(_BatchNorm):
         # Per-channel shift about which the sums are taken: the previous global batch
         # mean, identical on every rank because it is computed from all-reduced values.
         # Derived communication state, not model state, hence not a buffer.
-        self._shift: Optional[Tensor] = None
+        self._shift: Tensor | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
@@ -265,5 +265,5 @@ class SyncBatchNorm(_BatchNorm):
             return
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         unbiased_var = var * (count / (count - 1))
-        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
-        self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
+        for running, batch in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+            running.mul_(1 - factor).add_(batch.to(running.dtype), alpha=factor)
