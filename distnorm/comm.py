@@ -60,9 +60,10 @@ def all_reduce_sum_(tensor: torch.Tensor, group: Group = None) -> torch.Tensor:
 
 
 def describe_group(group: Group = None) -> str:
-    """Short human description of ``group`` for reports: ``"world (4 ranks)"``."""
+    """Short human description of ``group`` for reports: ``"world (4 ranks)"``; just
+    ``"world"`` before the default group exists (the layer will use it once it does)."""
     if not is_initialized():
-        return "none (not distributed)"
+        return "world"
     size = group_size(group)
     if group is None or group is dist.group.WORLD:
         return f"world ({size} ranks)"
