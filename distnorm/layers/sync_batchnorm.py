@@ -73,7 +73,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     Forward returns ``(output, mean, var, count)``; the last three (biased variance,
     global element count per channel) are non-differentiable and feed the running
-    statistics.
+    statistics. Both directions work on ``x - K`` and fold the per-channel factors into
+    fused multiply-adds, so that besides the collective each makes three or four passes
+    over the data, like torch's own kernels.
     """
 
     @staticmethod
@@ -90,35 +92,33 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dims, shape = _reduced_dims(input), _channel_shape(input)
         local_count = input.numel() // channels
 
-        # Local sums about the shared shift K, in one stable pass (var_mean) over x - K.
-        centred = input.to(shift.dtype) - shift.view(shape)
-        if local_count > 0:
-            local_var, local_mean = torch.var_mean(centred, dim=dims, correction=0)
-            local_sum = local_mean * local_count
-            local_sum_sq = (local_var + local_mean.square()) * local_count
-        else:
-            local_sum = local_sum_sq = shift.new_zeros(channels)
-
         # The one forward collective: [sum(x-K), sum((x-K)^2), count], 2C + 1 values.
-        packed = torch.cat([local_sum, local_sum_sq, shift.new_full((1,), local_count)])
+        centred = input.to(shift.dtype) - shift.view(shape)
+        packed = torch.cat(
+            [
+                centred.sum(dim=dims),
+                centred.square().sum(dim=dims),
+                shift.new_full((1,), local_count),
+            ]
+        )
         comm.all_reduce_sum_(packed, group)
         total_sum, total_sum_sq, count = packed[:channels], packed[channels:-1], packed[-1]
 
         denominator = count.clamp(min=1)
-        mean_offset = total_sum / denominator  # E[x - K]
+        mean_offset = total_sum / denominator  # E[x - K], so mu = K + mean_offset
         var = (total_sum_sq / denominator - mean_offset.square()).clamp(min=0)
         invstd = torch.rsqrt(var + eps)
 
-        # y = gamma * (x - mu) / sqrt(var + eps) + beta, with x - mu = (x - K) - E[x - K].
-        xhat = (centred - mean_offset.view(shape)) * invstd.view(shape)
-        output = xhat
-        if weight is not None:
-            output = output * weight.to(shift.dtype).view(shape)
+        # y = gamma * (x - mu) * invstd + beta  =  (x - K) * scale + offset,  with
+        # scale = gamma * invstd  and  offset = beta - E[x - K] * scale.
+        scale = invstd if weight is None else invstd * weight.to(shift.dtype)
+        offset = -mean_offset * scale
         if bias is not None:
-            output = output + bias.to(shift.dtype).view(shape)
+            offset = offset + bias.to(shift.dtype)
+        output = torch.addcmul(offset.view(shape), centred, scale.view(shape))
 
         ctx.save_for_backward(input, weight, shift, mean_offset, invstd, count)
-        ctx.group = group
+        ctx.group, ctx.eps = group, eps
         mean = shift + mean_offset
         ctx.mark_non_differentiable(mean, var, count)
         return output.to(input.dtype), mean, var, count
@@ -128,16 +128,21 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx: Any, grad_output: Tensor, *_unused_stat_grads: Tensor
     ) -> tuple[Tensor | None, ...]:
         input, weight, shift, mean_offset, invstd, count = ctx.saved_tensors
-        dims, shape = _reduced_dims(input), _channel_shape(input)
+        shape = _channel_shape(input)
         channels = input.size(1)
 
-        grad = grad_output.to(shift.dtype)
-        # xhat recomputed as in forward, (x - K) - E[x - K], rather than saved: saving the
-        # input costs nothing extra, saving xhat would cost a full fp32 copy.
+        # x - K recomputed rather than saved: the input is saved anyway, a copy of it in
+        # fp32 would cost a full activation of memory per layer.
         centred = input.to(shift.dtype) - shift.view(shape)
-        xhat = (centred - mean_offset.view(shape)) * invstd.view(shape)
-        local_sum_grad = grad.sum(dim=dims)
-        local_sum_grad_xhat = (grad * xhat).sum(dim=dims)
+        grad = grad_output.to(shift.dtype)
+        if input.numel() > 0:
+            # sum(g * xhat) and sum(g) in one fused pass, with xhat = (centred - E[x-K]) * invstd.
+            _, local_sum_grad_xhat, local_sum_grad = torch.ops.aten.native_batch_norm_backward(
+                grad, centred, None, None, None, mean_offset, invstd, True, ctx.eps,
+                [False, True, True],
+            )  # fmt: skip
+        else:  # torch's CPU kernel divides by the batch size: an empty batch would crash it
+            local_sum_grad_xhat = local_sum_grad = shift.new_zeros(channels)
 
         # weight and bias receive this rank's share only; DDP (or the user) sums the
         # shares across ranks, exactly as for any other parameter.
@@ -151,11 +156,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             packed = torch.cat([local_sum_grad, local_sum_grad_xhat])
             comm.all_reduce_sum_(packed, ctx.group)
             denominator = count.clamp(min=1)
-            mean_grad = (packed[:channels] / denominator).view(shape)
-            mean_grad_xhat = (packed[channels:] / denominator).view(shape)
+            mean_grad = packed[:channels] / denominator
+            mean_grad_xhat = packed[channels:] / denominator
+            # dx = scale * (g - mean(g) - xhat * mean(g xhat)), xhat = (centred - E[x-K]) * invstd
+            #    = scale * g  +  centred * slope  +  constant, per channel:
             scale = invstd if weight is None else invstd * weight.to(shift.dtype)
-            grad_input = (grad - mean_grad - xhat * mean_grad_xhat) * scale.view(shape)
-            grad_input = grad_input.to(input.dtype)
+            slope = -scale * invstd * mean_grad_xhat
+            constant = scale * (invstd * mean_offset * mean_grad_xhat - mean_grad)
+            grad_input = torch.addcmul(constant.view(shape), centred, slope.view(shape))
+            grad_input = grad_input.addcmul_(grad, scale.view(shape)).to(input.dtype)
 
         return grad_input, grad_weight, grad_bias, None, None, None
 
