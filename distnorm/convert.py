@@ -184,7 +184,10 @@ def _replace_modules(
         replacements[id(module)] = module if replacement is None else replacement
         if replacement is not None:
             return replacement
-        for child_name, child in list(module.named_children()):
+        # _modules, not named_children(): the latter yields a shared module only once.
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
             new_child = visit(f"{name}.{child_name}" if name else child_name, child)
             if new_child is not child:
                 module._modules[child_name] = new_child
