@@ -41,15 +41,15 @@ class Case:
     dtype: str
     momentum: float | None = 0.1
     affine: bool = True
+    bias: bool = True
     device: str = "cpu"
 
     @property
     def id(self) -> str:
         batches = "-".join(map(str, self.split))
         where = "" if self.device == "cpu" else f"/{self.device}"
-        return (
-            f"{batches}/{self.spatial}/{self.dtype}/m={self.momentum}/affine={self.affine}{where}"
-        )
+        flags = f"m={self.momentum}/affine={self.affine}" + ("" if self.bias else "/no-bias")
+        return f"{batches}/{self.spatial}/{self.dtype}/{flags}{where}"
 
 
 def cases_for(world_size: int) -> list[Case]:
@@ -63,6 +63,7 @@ def cases_for(world_size: int) -> list[Case]:
     cases += [
         Case(first, "2d", "float64", momentum=None),
         Case(first, "1d", "float64", affine=False),
+        Case(SPLITS[world_size][-1], "3d", "float64", bias=False),
         Case(SPLITS[world_size][-1], "2d_channels_last", "bfloat16"),
     ]
     return cases
@@ -99,13 +100,12 @@ def run_case_on_rank(case: Case, rank: int, group: object | None = None) -> list
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     device = torch.device(case.device)
     layer = distnorm.SyncBatchNorm(
-        CHANNELS, momentum=case.momentum, affine=case.affine, process_group=group
+        CHANNELS, momentum=case.momentum, affine=case.affine, process_group=group, bias=case.bias
     ).to(device, stats_dtype)
-    if case.affine:
-        weight, bias = initial_affine(case)
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            layer.bias.copy_(bias)
+    with torch.no_grad():
+        for parameter, value in zip((layer.weight, layer.bias), initial_affine(case), strict=True):
+            if parameter is not None:
+                parameter.copy_(value)
     start = sum(case.split[:rank])
     rows = slice(start, start + case.split[rank])
     results = []
@@ -124,8 +124,8 @@ def run_case_on_rank(case: Case, rank: int, group: object | None = None) -> list
                 "output_dtype": y.dtype,
                 "channels_last": y.is_contiguous(memory_format=torch.channels_last),
                 "grad_input": x.grad.double().cpu(),
-                "grad_weight": layer.weight.grad.double().cpu() if case.affine else None,
-                "grad_bias": layer.bias.grad.double().cpu() if case.affine else None,
+                "grad_weight": None if layer.weight is None else layer.weight.grad.double().cpu(),
+                "grad_bias": None if layer.bias is None else layer.bias.grad.double().cpu(),
                 "running_mean": layer.running_mean.double().cpu().clone(),
                 "running_var": layer.running_var.double().cpu().clone(),
                 "num_batches_tracked": int(layer.num_batches_tracked),
@@ -143,19 +143,19 @@ def reference_steps(case: Case, rows: slice | None = None) -> list[dict]:
     the ``rows`` of it that form one sync group)."""
     running_mean = torch.zeros(CHANNELS, dtype=torch.float64)
     running_var = torch.ones(CHANNELS, dtype=torch.float64)
-    weight, bias = initial_affine(case) if case.affine else (None, None)
+    weight, bias = initial_affine(case)
+    weight = weight if case.affine else None
+    bias = bias if case.affine and case.bias else None
     results = []
     for step in range(STEPS):
         x, grad = step_data(case, step)
         if rows is not None:
             x, grad = x[rows], grad[rows]
-        params = [p.clone().requires_grad_(True) for p in (weight, bias) if p is not None]
+        params = [None if p is None else p.clone().requires_grad_(True) for p in (weight, bias)]
         x.requires_grad_(True)
         num_batches_tracked = step + 1
         momentum = 1.0 / num_batches_tracked if case.momentum is None else case.momentum
-        y = F.batch_norm(
-            x, running_mean, running_var, *(params or [None, None]), True, momentum, 1e-5
-        )
+        y = F.batch_norm(x, running_mean, running_var, *params, True, momentum, 1e-5)
         y.backward(grad)
         results.append(
             {
@@ -164,8 +164,8 @@ def reference_steps(case: Case, rows: slice | None = None) -> list[dict]:
                 "weight": weight,
                 "grad_output": grad,
                 "grad_input": x.grad,
-                "grad_weight": params[0].grad if params else None,
-                "grad_bias": params[1].grad if params else None,
+                "grad_weight": None if params[0] is None else params[0].grad,
+                "grad_bias": None if params[1] is None else params[1].grad,
                 "running_mean": running_mean.clone(),
                 "running_var": running_var.clone(),
                 "num_batches_tracked": num_batches_tracked,
@@ -210,16 +210,14 @@ def assert_matches_reference(case: Case, per_rank: list[list[dict]], reference: 
             relative,
             f"{where} grad_input",
         )
-        if case.affine:
-            for key in ("grad_weight", "grad_bias"):
-                summed = torch.stack([g[key] for g in got]).sum(0)
-                close(
-                    summed,
-                    expected[key],
-                    float(expected[key].abs().max()),
-                    relative,
-                    f"{where} {key}",
-                )
+        for key in ("grad_weight", "grad_bias"):
+            if expected[key] is None:
+                assert all(g[key] is None for g in got), f"{where} {key}"
+                continue
+            summed = torch.stack([g[key] for g in got]).sum(0)
+            close(
+                summed, expected[key], float(expected[key].abs().max()), relative, f"{where} {key}"
+            )
         for key in ("running_mean", "running_var"):
             for rank, g in enumerate(got):
                 close(

@@ -36,9 +36,13 @@ What it guarantees:
 * Running statistics updated as ``nn.BatchNorm`` would on the concatenated batch: unbiased
   variance over the global count, cumulative average when ``momentum=None``.
 
-What it costs: one extra elementwise pass over the input in forward (``x - K``) and the two
-collectives above. In eval mode, or when the group has a single rank (including no process
-group at all), it is plain ``nn.BatchNorm`` with no communication.
+What it costs: the two collectives above, and a few more passes over the data than torch's
+fused kernel (forward: ``x - K``, two sums, one fused multiply-add; backward: ``x - K``
+again rather than keeping an fp32 copy of the input alive, one fused reduction, two fused
+multiply-adds). Measured on CPU, forward+backward including the two all-reduces: 1.7-2.1x
+``nn.BatchNorm2d`` on NCHW inputs, 0.45x on channels_last ones. In eval mode, or when the
+group has a single rank (including no process group at all), it *is* torch's BatchNorm,
+bit for bit, with no communication.
 """
 
 from __future__ import annotations
@@ -188,10 +192,15 @@ class SyncBatchNorm(_BatchNorm):
         process_group: comm.Group = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
     ) -> None:
+        # ``bias=False`` (an affine weight without a bias) exists from torch 2.13 on; it is
+        # passed only when asked for, so that older torch keeps working.
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+            **({} if bias else {"bias": False}),
+        )  # fmt: skip
         self._init_sync_state(process_group)
 
     def _init_sync_state(self, process_group: comm.Group) -> None:
