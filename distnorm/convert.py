@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +90,8 @@ def convert_model(model: nn.Module, *, process_group: comm.Group = None) -> nn.M
         return converted
 
     converted = _replace_modules(model, to_sync)
-    logger.info("distnorm.convert_model:\n%s", conversion_report(converted))
+    if logger.isEnabledFor(logging.INFO):  # the report walks the model again: only if shown
+        logger.info("distnorm.convert_model:\n%s", conversion_report(converted))
     return converted
 
 
