@@ -50,6 +50,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -230,12 +231,22 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training or comm.group_size(self.process_group) == 1:
-            return super().forward(input)  # plain BatchNorm maths, no communication
         self._check_input_dim(input)
+        return self._batch_norm(input, self.weight, self.bias)
+
+    def _batch_norm(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """BatchNorm of ``input`` (N, C', *) with this layer's running statistics, which
+        must hold C' channels, and the given per-channel affine (None for none).
+
+        The core that :class:`SyncBatchNorm` applies to its input as it is, and that layers
+        normalizing over other groupings of the same values (BatchGroupNorm: a view with
+        one "channel" per group of channels) apply to a view of theirs.
+        """
+        if not self.training or comm.group_size(self.process_group) == 1:
+            return self._local_batch_norm(input, weight, bias)
 
         output, mean, var, count = _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, self._agreed_shift(input), self.eps, self.process_group
+            input, weight, bias, self._agreed_shift(input), self.eps, self.process_group
         )
         self._shift = mean.detach()
 
@@ -255,6 +266,31 @@ class SyncBatchNorm(_BatchNorm):
         if self.track_running_stats:
             self._update_running_stats(mean, var, count, group_batch_is_empty)
         return output
+
+    def _local_batch_norm(
+        self, input: Tensor, weight: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        """``nn.BatchNorm``'s own forward, with the affine passed in: torch's kernel, bit for
+        bit, and no communication (eval mode, or a group of one rank)."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when there are no running statistics.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Running statistics are read in eval and updated in training only when tracked.
+        keep_running = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if keep_running else None,
+            self.running_var if keep_running else None,
+            weight,
+            bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
 
     def _agreed_shift(self, input: Tensor) -> Tensor:
         """The shift every rank holds; on the first training call, the global mean from
