@@ -21,6 +21,13 @@ class InputError(DistNormError, ValueError):
     """A layer received an input it cannot normalize (shape, dtype, or too few values)."""
 
 
+class PolicyError(DistNormError, ValueError):
+    """A policy, an override or a plan asks for something invalid or impossible: an
+    unknown key, a value of the wrong kind, a sync group larger than the world, a number
+    of groups that does not divide a layer's channels. The message names the key or the
+    layer, and says what would be accepted."""
+
+
 def layer_label(module: nn.Module) -> str:
     """``"SyncBatchNorm 'layer1.0.bn1'"`` when :func:`distnorm.convert_model` named the
     module, else just its class name; used so that errors say *which* layer failed."""

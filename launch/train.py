@@ -26,44 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 import distnorm
-
-
-class BasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a (projected when the shape changes) shortcut."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
-                nn.BatchNorm2d(out_channels),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
-    """A ResNet for 8x8 single-channel images: stem, two stages, global pool, linear."""
-
-    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
-        self.stage1 = BasicBlock(width, width)
-        self.stage2 = BasicBlock(width, 2 * width, stride=2)
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage2(self.stage1(self.stem(x)))
-        return self.head(x.mean(dim=(2, 3)))
+from distnorm.examples import small_resnet
 
 
 def digits(seed: int) -> tuple[TensorDataset, TensorDataset]:
@@ -122,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
     train, test = digits(args.seed)
-    model = SmallResNet()
+    model = small_resnet()
     if not args.no_convert:
         model = distnorm.convert_model(model)
         if rank == 0:

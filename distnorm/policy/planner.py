@@ -1,0 +1,99 @@
+"""``distnorm.plan``: gather a model's facts and its job's layout, and apply the rules.
+
+The one impure step before the pure rules: it reads the world layout (explicit
+arguments, else the process group or the launcher's environment, via
+:func:`distnorm.comm.world_layout`), optionally runs a sample input through the model to
+measure what each normalization layer sees, and logs the result on rank 0. It decides
+nothing itself and creates no process group.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distnorm import comm
+from distnorm.errors import PolicyError
+from distnorm.logs import get_logger
+from distnorm.policy.batch_config import per_worker_batch_size_from_config
+from distnorm.policy.config import Policy, load_policy
+from distnorm.policy.facts import collect_facts
+from distnorm.policy.plans import Plan
+from distnorm.policy.rules import make_plan, unused_overrides
+
+logger = get_logger(__name__)
+
+
+def plan(
+    model: nn.Module,
+    per_worker_batch_size: int | str | os.PathLike[str] | Mapping[str, Any],
+    world_size: int | None = None,
+    *,
+    ranks_per_node: int | None = None,
+    pretrained: bool | None = None,
+    policy: str | os.PathLike[str] | Mapping[str, Any] | Policy | None = None,
+    sample_input: Any = None,
+) -> Plan:
+    """Decide, for every normalization layer of ``model``, what it should become; the
+    model is not changed (``convert_model`` applies a plan).
+
+    ``per_worker_batch_size`` is the number of samples each rank feeds per step, or a
+    DeepSpeed / Accelerate config (path or dict) to read it from. ``world_size`` and
+    ``ranks_per_node`` default to the initialized process group or the launcher's
+    environment (a single process when there is neither). ``pretrained=True`` means
+    fine-tuning a BN-pretrained model (default: the policy's ``pretrained``). ``policy``
+    is a shipped policy's name, a YAML path, a dict or a :class:`Policy` (default
+    ``"default"``). ``sample_input`` (optional; any batch size) is run through the model
+    once, in eval mode without gradients, to measure the values each statistic sees.
+
+    A model without normalization layers gets an empty plan and a logged warning.
+    """
+    if isinstance(model, DistributedDataParallel):
+        raise PolicyError(
+            "plan got a DistributedDataParallel wrapper; plan (and convert) the model first "
+            "and wrap it afterwards, so that layer names match"
+        )
+    layout = comm.world_layout(world_size, ranks_per_node)
+    if not isinstance(per_worker_batch_size, int) or isinstance(per_worker_batch_size, bool):
+        if not isinstance(per_worker_batch_size, (str, os.PathLike, Mapping)):
+            raise PolicyError(
+                "per_worker_batch_size must be an int, or a DeepSpeed/Accelerate config "
+                f"(path or dict), got {per_worker_batch_size!r}"
+            )
+        per_worker_batch_size = per_worker_batch_size_from_config(
+            per_worker_batch_size, layout.world_size
+        )
+    resolved = load_policy(policy)
+    facts = collect_facts(model, sample_input)
+    result = make_plan(
+        facts,
+        per_worker_batch_size=per_worker_batch_size,
+        world_size=layout.world_size,
+        ranks_per_node=layout.ranks_per_node,
+        pretrained=pretrained,
+        policy=resolved,
+    )
+    if not facts:
+        logger.warning(
+            "distnorm.plan: %s has no normalization layers; the plan is empty",
+            type(model).__name__,
+        )
+        return result
+    for key in unused_overrides(facts, resolved):
+        logger.warning(
+            "distnorm.plan: policy %r: %s matches no BatchNorm layer", resolved.name, key
+        )
+    for layer in result.layers:
+        if layer.norm in ("bn", "sync_bn") and layer.values_per_statistic == 1:
+            logger.warning(
+                "distnorm.plan: %s '%s' would compute each statistic from 1 value, which "
+                "BatchNorm cannot train with; raise the batch or override this layer",
+                layer.original,
+                layer.name or "(root)",
+            )
+    logger.info("distnorm.plan (world layout from %s):\n%s", layout.source, result)
+    return result

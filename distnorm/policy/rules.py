@@ -1,0 +1,427 @@
+"""The decision rules: per-worker batch, world layout and model facts in, a Plan out.
+
+Pure functions: no process groups, no environment, no modules; the same inputs always
+give the same plan, which is what lets a plan be tested as a table and replayed.
+
+Defaults, and where they come from:
+
+* **Target: 32 samples per statistic.** BatchNorm's accuracy holds at 32 images per
+  worker and degrades quickly below 16 (Wu & He, 2018, "Group Normalization", ECCV,
+  Sec. 1 and Fig. 1: ResNet-50 ImageNet error vs. images per worker 32/16/8/4/2; the
+  "regime where BN matches its best").
+* **Per-worker batch >= target: local BatchNorm.** Nothing to gain from communication.
+* **Smaller: SyncBatchNorm over the smallest group of ranks reaching the target.**
+  Cross-GPU BatchNorm computes the exact statistics of the group's whole batch (Peng et
+  al., 2018, "MegDet", arXiv:1711.07240). Groups are consecutive ranks whose size
+  divides the world, kept inside one node when they fit (all-reduce over NVLink or shared
+  memory, not the network) and made of whole nodes otherwise: the grouping of NVIDIA's
+  MLPerf submissions (``bn_group`` of 2, 4 or 8 GPUs in apex's ``groupbn`` and
+  ``create_syncbn_process_group``). Small groups are preferred: the statistics are as
+  good as the target asks, and the collective's latency grows with the group.
+* **No group reaches the target, training from scratch: GroupNorm + Weight
+  Standardization** (``gn_ws``; or Batch-Channel Normalization ``bcn`` / Batch Group
+  Normalization ``bgn`` when the policy chooses). GN's statistics do not depend on the
+  batch at all (Wu & He, Fig. 1: flat from 32 down to 2 images per worker); WS on the
+  preceding convolution closes most of the remaining gap to large-batch BN, and BCN
+  closes it further (Qiao et al., 2019, "Micro-Batch Training with Batch-Channel
+  Normalization and Weight Standardization", arXiv:1903.10520). G = 32 groups
+  (Wu & He, Sec. 3.1), reduced to a divisor of C by ``choose_num_groups``. BCN's batch
+  part pools its estimates over the largest allowed sync group (one forward all-reduce);
+  BGN stays local unless an override gives it a ``sync_group_size``.
+* **No group reaches the target, fine-tuning a BN-pretrained model: FrozenBatchNorm in
+  the backbone.** Fine-tuning with a few images per GPU would re-estimate the pretrained
+  statistics from noise; detectron2 freezes them (``FrozenBatchNorm2d``, and its default
+  ``MODEL.RESNETS.NORM = "FrozenBN"``), as do torchvision's detection models with
+  pretrained backbones. What counts as the backbone is the policy's ``backbone``
+  patterns; BatchNorms outside it (a new head) get the from-scratch decision.
+* **No spatial extent** (``(N, C)`` or ``(N, C, 1, 1)`` inputs: after global pooling,
+  inside squeeze-and-excitation): GroupNorm there would average ``C/G`` values of one
+  sample, so such a layer, and one whose channels cannot be grouped, takes the largest
+  sync group the policy allows instead (local BatchNorm when there is none). Without a
+  sample input, a BatchNorm1d is assumed to see ``(N, C)`` (its use in MLP heads).
+* **LayerNorm, GroupNorm, RMSNorm, InstanceNorm and anything else**: per-sample or
+  unknown statistics, left alone and listed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from distnorm.errors import InputError, PolicyError
+from distnorm.layers.group_norm import choose_num_groups
+from distnorm.policy.config import Override, Policy
+from distnorm.policy.facts import NormFact
+from distnorm.policy.plans import GROUPED_NORMS, SYNCABLE_NORMS, LayerPlan, Plan
+
+_FALLBACK_NAMES = {"gn_ws": "GN+WS", "bcn": "BCN+WS", "bgn": "BGN"}
+# distnorm's own BatchNorm subclasses that are a decision already made: planning a
+# converted model again leaves them alone (SyncBatchNorm is planned like any BatchNorm).
+_DISTNORM_NORMS = ("BatchChannelNorm", "BatchGroupNorm")
+
+
+def sync_group_candidates(
+    world_size: int,
+    ranks_per_node: int | None = None,
+    *,
+    max_group_size: int | None = None,
+    cross_node: bool = True,
+) -> tuple[int, ...]:
+    """Sync group sizes the policy may use, ascending: divisors g >= 2 of the world size
+    (consecutive-rank groups tile it) that either fit in a node (g divides the ranks per
+    node, so every group lies inside one) or, when ``cross_node``, consist of whole nodes.
+    Without ``ranks_per_node``, or with nodes that do not tile the world evenly, any
+    divisor counts as allowed across nodes."""
+    per_node = world_size if ranks_per_node is None else min(ranks_per_node, world_size)
+    inside = math.gcd(world_size, per_node)  # the largest size that stays inside a node
+    regular = world_size % per_node == 0
+    sizes = []
+    for size in range(2, world_size + 1):
+        if world_size % size or (max_group_size is not None and size > max_group_size):
+            continue
+        if inside % size == 0 or (cross_node and (not regular or size % per_node == 0)):
+            sizes.append(size)
+    return tuple(sizes)
+
+
+def make_plan(
+    facts: Sequence[NormFact],
+    *,
+    per_worker_batch_size: int,
+    world_size: int,
+    ranks_per_node: int | None = None,
+    pretrained: bool | None = None,
+    policy: Policy,
+) -> Plan:
+    """The plan for a model with normalization layers ``facts`` trained with
+    ``per_worker_batch_size`` samples on each of ``world_size`` ranks (``ranks_per_node``
+    to a node, when known). ``pretrained=None`` takes the policy's ``pretrained``.
+
+    Raises :class:`PolicyError` for impossible requests: a non-positive size, an override
+    asking for a sync group that does not divide the world, or a number of groups that
+    does not divide a layer's channels.
+    """
+    for key, value, allow_none in (
+        ("per_worker_batch_size", per_worker_batch_size, False),
+        ("world_size", world_size, False),
+        ("ranks_per_node", ranks_per_node, True),
+    ):
+        if not (allow_none and value is None) and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise PolicyError(f"{key} must be a positive integer, got {value!r}")
+    context = _Context(
+        batch=per_worker_batch_size,
+        world=world_size,
+        ranks_per_node=ranks_per_node,
+        pretrained=policy.pretrained if pretrained is None else pretrained,
+        policy=policy,
+        candidates=(
+            sync_group_candidates(
+                world_size,
+                ranks_per_node,
+                max_group_size=policy.sync.max_group_size,
+                cross_node=policy.sync.cross_node,
+            )
+            if policy.sync.enabled
+            else ()
+        ),
+    )
+    return Plan(
+        layers=tuple(_decide(fact, context) for fact in facts),
+        world_size=world_size,
+        per_worker_batch_size=per_worker_batch_size,
+        ranks_per_node=ranks_per_node,
+        target_batch=policy.target_batch,
+        pretrained=context.pretrained,
+        policy=policy.name,
+    )
+
+
+def unused_overrides(facts: Sequence[NormFact], policy: Policy) -> tuple[str, ...]:
+    """The policy's override keys that match no BatchNorm layer (likely typos)."""
+    batch_norms = [f for f in facts if f.is_batch_norm]
+    unused = [
+        f"overrides.by_name[{pattern!r}]"
+        for pattern, _ in policy.overrides.by_name
+        if not any(fnmatch.fnmatchcase(f.name, pattern) for f in batch_norms)
+    ]
+    unused += [
+        f"overrides.by_type[{type_name!r}]"
+        for type_name, _ in policy.overrides.by_type
+        if not any(type_name in f.type_names for f in batch_norms)
+    ]
+    return tuple(unused)
+
+
+@dataclass(frozen=True)
+class _Context:
+    batch: int
+    world: int
+    ranks_per_node: int | None
+    pretrained: bool
+    policy: Policy
+    candidates: tuple[int, ...]
+
+    @property
+    def target(self) -> int:
+        return self.policy.target_batch
+
+    @property
+    def reaching_group(self) -> int | None:
+        """The smallest allowed sync group whose batch reaches the target."""
+        return next((g for g in self.candidates if g * self.batch >= self.target), None)
+
+    def where(self, group_size: int) -> str:
+        """Reason suffix: how many nodes a group spans ("" when the layout is unknown)."""
+        if self.ranks_per_node is None or self.world % min(self.ranks_per_node, self.world):
+            return ""
+        nodes = max(1, group_size // min(self.ranks_per_node, self.world))
+        return f", {nodes} node{'s' if nodes > 1 else ''}"
+
+    def shortfall(self) -> str:
+        """Why no sync group was chosen, for reasons."""
+        if not self.policy.sync.enabled:
+            return "sync disabled by the policy"
+        if not self.candidates:
+            return "no sync group possible" if self.world == 1 else "no allowed sync group"
+        largest = self.candidates[-1]
+        return f"at most {largest} ranks x {self.batch} = {largest * self.batch} < {self.target}"
+
+
+def _decide(fact: NormFact, context: _Context) -> LayerPlan:
+    if not fact.is_batch_norm:
+        return _layer(fact, "keep", reason=_why_kept(fact))
+    forced = _override_for(fact, context.policy)
+    if forced is not None:
+        return _forced(fact, context, *forced)
+    if fact.is_frozen:
+        return _layer(fact, "keep", reason="already frozen: no batch statistics")
+    converted = next((n for n in _DISTNORM_NORMS if n in fact.type_names), None)
+    if converted is not None:
+        return _layer(fact, "keep", reason=f"already distnorm's {converted}")
+    batch, target = context.batch, context.target
+    if batch >= target:
+        return _layer(
+            fact,
+            "bn",
+            values=_values(fact, batch),
+            reason=f"batch {batch} >= target {target}: local, no communication",
+        )
+    group = context.reaching_group
+    if group is not None:
+        return _layer(
+            fact,
+            "sync_bn",
+            sync_group_size=group,
+            values=_values(fact, group * batch),
+            reason=f"{group} ranks x {batch} = {group * batch} >= {target}{context.where(group)}",
+        )
+    why = context.shortfall()
+    if not context.pretrained:
+        return _scratch(fact, context, why, "from scratch")
+    if not _in_backbone(fact.name, context.policy):
+        return _scratch(fact, context, why, "fine-tuning head")
+    if not fact.track_running_stats:
+        return _scratch(fact, context, f"{why}; no running stats to freeze", "fine-tuning")
+    return _layer(fact, "frozen_bn", reason=f"{why}; fine-tuning: frozen")
+
+
+def _scratch(fact: NormFact, context: _Context, why: str, role: str) -> LayerPlan:
+    """The decision for a layer whose statistics must be learnt (from scratch, or in a
+    fine-tuned model's new head) when no sync group reaches the target."""
+    fallback = context.policy.scratch_fallback
+    if fallback == "bn":
+        return _layer(
+            fact, "bn", values=_values(fact, context.batch), reason=f"{why}; local BN by policy"
+        )
+    if fallback == "sync_bn":
+        return _largest_group(fact, context, f"{why}; SyncBN by policy")
+    if fact.spatial_size == 1:
+        return _largest_group(fact, context, f"{why}; no spatial extent")
+    if fact.spatial_size is None and "BatchNorm1d" in fact.type_names:
+        return _largest_group(fact, context, f"{why}; BatchNorm1d, assumed (N, C)")
+    if fact.num_channels is None:
+        return _largest_group(fact, context, f"{why}; channels unknown")
+    gn = context.policy.group_norm
+    try:
+        groups = choose_num_groups(
+            fact.num_channels, gn.num_groups, gn.min_channels_per_group, layer=_label(fact)
+        )
+    except InputError:
+        return _largest_group(
+            fact, context, f"{why}; {fact.num_channels} channels cannot be grouped"
+        )
+    # BCN's batch part only updates estimates, with one forward all-reduce of 2C + 1
+    # values and none backward: pooling them over the largest allowed group is nearly
+    # free. BGN's batch statistics would need SyncBN's backward collective too: local.
+    group = context.candidates[-1] if fallback == "bcn" and context.candidates else None
+    return _layer(
+        fact,
+        fallback,
+        sync_group_size=group,
+        num_groups=groups,
+        values=_grouped_values(fact, fallback, groups, context.batch, group),
+        reason=f"{why}; {role}: {_FALLBACK_NAMES[fallback]}",
+    )
+
+
+def _largest_group(fact: NormFact, context: _Context, why: str) -> LayerPlan:
+    """SyncBN over the largest allowed group; local BN when there is none."""
+    if context.candidates:
+        group = context.candidates[-1]
+        return _layer(
+            fact,
+            "sync_bn",
+            sync_group_size=group,
+            values=_values(fact, group * context.batch),
+            reason=f"{why}: largest group",
+        )
+    return _layer(fact, "bn", values=_values(fact, context.batch), reason=f"{why}: local")
+
+
+def _forced(fact: NormFact, context: _Context, key: str, override: Override) -> LayerPlan:
+    """Apply an override, checking it is possible for this layer and world."""
+    norm, reason = override.norm, key
+    where = f"{key} for {_label(fact)}"
+    if norm == "keep":
+        return _layer(fact, "keep", reason=reason)
+    if norm == "frozen_bn" and not fact.track_running_stats:
+        raise PolicyError(
+            f"{where}: frozen_bn needs running statistics, and this layer has "
+            "track_running_stats=False; choose another norm for it"
+        )
+    group = override.sync_group_size
+    if group is not None:
+        if group > context.world:
+            raise PolicyError(
+                f"{where}: sync_group_size {group} is larger than the world ({context.world} ranks)"
+            )
+        if context.world % group:
+            raise PolicyError(
+                f"{where}: sync_group_size {group} does not divide the world size "
+                f"{context.world}; every rank must belong to exactly one group"
+            )
+        if group == 1 and context.world > 1:
+            raise PolicyError(
+                f"{where}: sync_group_size 1 synchronizes nothing; use norm 'bn' for local "
+                "statistics, or leave sync_group_size out"
+            )
+    elif norm == "sync_bn":
+        group = context.reaching_group or (
+            context.candidates[-1] if context.candidates else context.world
+        )
+    batch = context.batch * (group or 1)
+    if norm in GROUPED_NORMS:
+        groups = _forced_groups(fact, context, override, where)
+        return _layer(
+            fact,
+            norm,
+            sync_group_size=group,
+            num_groups=groups,
+            values=_grouped_values(fact, norm, groups, context.batch, group),
+            reason=reason,
+        )
+    assert norm in ("bn", "sync_bn", "frozen_bn")
+    return _layer(
+        fact,
+        norm,
+        sync_group_size=group if norm in SYNCABLE_NORMS else None,
+        values=None if norm == "frozen_bn" else _values(fact, batch),
+        reason=reason,
+    )
+
+
+def _forced_groups(fact: NormFact, context: _Context, override: Override, where: str) -> int:
+    channels = fact.num_channels
+    if channels is None:
+        raise PolicyError(
+            f"{where}: the layer's channel count is unknown (a lazy module); run one forward "
+            "pass, or pass a sample input, before planning"
+        )
+    if override.num_groups is not None:
+        if channels % override.num_groups:
+            raise PolicyError(
+                f"{where}: num_groups {override.num_groups} does not divide the layer's "
+                f"{channels} channels; choose a divisor of {channels}"
+            )
+        return override.num_groups
+    gn = context.policy.group_norm
+    try:
+        return choose_num_groups(
+            channels, gn.num_groups, gn.min_channels_per_group, layer=_label(fact)
+        )
+    except InputError as error:
+        raise PolicyError(f"{where}: {error}") from None
+
+
+def _override_for(fact: NormFact, policy: Policy) -> tuple[str, Override] | None:
+    for pattern, override in policy.overrides.by_name:
+        if fnmatch.fnmatchcase(fact.name, pattern):
+            return f"overrides.by_name[{pattern!r}]", override
+    for type_name, override in policy.overrides.by_type:
+        if type_name in fact.type_names:
+            return f"overrides.by_type[{type_name!r}]", override
+    return None
+
+
+def _in_backbone(name: str, policy: Policy) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in policy.backbone)
+
+
+def _why_kept(fact: NormFact) -> str:
+    if fact.is_frozen:
+        return "already frozen: no batch statistics"
+    if any(
+        n in fact.type_names
+        for n in ("LayerNorm", "GroupNorm", "RMSNorm", "_InstanceNorm", "LocalResponseNorm")
+    ):
+        return "per-sample statistics: independent of the batch"
+    return "not a BatchNorm: left alone"
+
+
+def _values(fact: NormFact, samples: int) -> int | None:
+    """Values per BatchNorm statistic for a batch of ``samples`` model samples."""
+    per_sample = fact.values_per_sample
+    return None if per_sample is None else round(samples * per_sample)
+
+
+def _grouped_values(
+    fact: NormFact, norm: str, groups: int, batch: int, sync_group: int | None
+) -> int | None:
+    """Values per statistic of gn_ws / bcn (their per-sample channel-group statistic:
+    ``C/G x spatial``) and bgn (``C/G`` channels over the whole batch and positions)."""
+    if fact.spatial_size is None or fact.num_channels is None:
+        return None
+    per_group = fact.num_channels // groups
+    if norm == "bgn":
+        samples = _values(fact, batch * (sync_group or 1))
+        return None if samples is None else samples * per_group
+    return per_group * fact.spatial_size
+
+
+def _layer(
+    fact: NormFact,
+    norm: str,
+    *,
+    reason: str,
+    sync_group_size: int | None = None,
+    num_groups: int | None = None,
+    values: int | None = None,
+) -> LayerPlan:
+    return LayerPlan(
+        name=fact.name,
+        original=fact.type_name,
+        norm=norm,
+        sync_group_size=sync_group_size,
+        num_groups=num_groups,
+        values_per_statistic=values,
+        reason=reason,
+        num_channels=fact.num_channels,
+    )
+
+
+def _label(fact: NormFact) -> str:
+    return f"{fact.type_name} '{fact.name or '(root)'}'"
