@@ -1,23 +1,57 @@
 """distnorm: normalization layers that are correct and fast under data-parallel training.
 
-model = distnorm.convert_model(model)     # every BatchNorm -> SyncBatchNorm (one all-reduce)
+print(distnorm.plan(model, per_worker_batch_size=2))        # what the policy would do, per layer
+model = distnorm.convert_model(model, per_worker_batch_size=2)  # ... and doing it
+model = distnorm.convert_model(model, norm="gn_ws")          # or force one norm everywhere
+model = distnorm.convert_model(model)                        # or SyncBatchNorm everywhere
 print(distnorm.conversion_report(model))  # what was replaced, where
 model = distnorm.revert_model(model)      # plain torch modules again, for export
 """
 
 from distnorm.convert import ConversionReport, conversion_report, convert_model, revert_model
-from distnorm.errors import ConversionError, DistNormError, InputError
-from distnorm.layers import SyncBatchNorm
+from distnorm.errors import ConversionError, DistNormError, InputError, PolicyError
+from distnorm.layers import (
+    BatchChannelNorm,
+    BatchGroupNorm,
+    FrozenBatchNorm,
+    SyncBatchNorm,
+    WSConv1d,
+    WSConv2d,
+    WSConv3d,
+)
+from distnorm.policy import (
+    LayerPlan,
+    Plan,
+    Policy,
+    available_policies,
+    load_policy,
+    per_worker_batch_size_from_config,
+    plan,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchChannelNorm",
+    "BatchGroupNorm",
     "ConversionError",
     "ConversionReport",
     "DistNormError",
+    "FrozenBatchNorm",
     "InputError",
+    "LayerPlan",
+    "Plan",
+    "Policy",
+    "PolicyError",
     "SyncBatchNorm",
+    "WSConv1d",
+    "WSConv2d",
+    "WSConv3d",
+    "available_policies",
     "conversion_report",
     "convert_model",
+    "load_policy",
+    "per_worker_batch_size_from_config",
+    "plan",
     "revert_model",
 ]

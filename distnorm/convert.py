@@ -1,19 +1,29 @@
-"""Module surgery: swap a model's BatchNorm layers for distnorm's, and back.
+"""Module surgery: swap a model's normalization layers for distnorm's, and back.
 
-``convert_model`` walks the module tree and replaces each BatchNorm with a
-:class:`~distnorm.layers.SyncBatchNorm` that *shares* the original's parameters, buffers,
-submodules and hooks: nothing is copied, so ``state_dict`` keys and values are unchanged
-(checkpoints load both ways) and an optimizer built before conversion still holds the
-right tensors. The ``training`` flag, and every attribute the original carried, come along.
+``convert_model`` walks the module tree and replaces each BatchNorm with the normalization
+asked for: ``norm=`` forces one for the whole model (``"bn"``, ``"sync_bn"``, ``"gn_ws"``,
+``"bcn"``, ``"bgn"``, ``"frozen_bn"``); without it every BatchNorm becomes a
+:class:`~distnorm.layers.SyncBatchNorm`. Where the new layer is BatchNorm-shaped (SyncBN,
+FrozenBN, BGN, BCN) it is the original module re-classed: it *shares* the original's
+parameters, buffers, submodules and hooks, so ``state_dict`` keys and values are unchanged
+and an optimizer built before conversion still holds the right tensors. GroupNorm shares
+the original's affine parameters; its running statistics are gone, since GN has none.
+
+Weight Standardization goes only on convolutions whose output feeds a normalization
+converted to GN+WS (or BCN): :func:`distnorm.graph.conv_norm_links` finds them by tracing
+the model with torch.fx, falling back to module order where tracing fails, and the
+conversion report lists every convolution it standardized.
 
 BatchNorm subclasses that add behaviour (timm's ``BatchNormAct2d`` style: an activation
-after the norm) are converted to a subclass of *both* their own class and SyncBatchNorm,
-so their extra behaviour stays; if such a class computes the normalization itself instead
-of calling ``super().forward``, its first forward raises :class:`ConversionError` naming
-the module, rather than silently training unsynchronized.
+after the norm) become, for ``sync_bn``, a subclass of *both* their own class and
+SyncBatchNorm, so their extra behaviour stays; if such a class computes the normalization
+itself instead of calling ``super().forward``, its first forward raises
+:class:`ConversionError` naming the module. No other normalization can keep such a class's
+behaviour, so converting one to them is refused, naming the module.
 
-``revert_model`` gives back the original torch classes (plain ``nn.BatchNorm2d`` and
-friends) with identical eval outputs, for export.
+``revert_model`` gives back plain torch modules with identical eval outputs, for export:
+the original BatchNorm classes (BGN with its group statistics spread over the channels;
+BCN as BatchNorm followed by GroupNorm), plain convolutions holding the standardized weights.
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,87 +43,360 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parallel import DistributedDataParallel
 
 from distnorm import comm
-from distnorm.errors import ConversionError, layer_label
+from distnorm.errors import ConversionError, InputError, layer_label
+from distnorm.graph import conv_norm_links
+from distnorm.layers.batch_channel_norm import BatchChannelNorm
+from distnorm.layers.batch_group_norm import BatchGroupNorm
+from distnorm.layers.frozen_batchnorm import FrozenBatchNorm
+from distnorm.layers.group_norm import choose_num_groups
+from distnorm.layers.std_conv import WSConv1d, WSConv2d, WSConv3d
 from distnorm.layers.sync_batchnorm import SyncBatchNorm
 from distnorm.logs import get_logger
+from distnorm.policy import Plan
+from distnorm.policy import plan as make_plan
+from distnorm.policy.plans import NORMS as PLAN_NORMS
 from distnorm.table import format_table
 
 logger = get_logger(__name__)
 
 # torch's own BatchNorm classes: their forward is the plain BatchNorm transform, so they
-# become a plain SyncBatchNorm. Any other _BatchNorm subclass keeps its class (see above).
+# become a plain distnorm layer. Any other _BatchNorm subclass keeps its class (see above).
 TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 # Normalization layers that distnorm leaves as they are; listed in reports so that the
 # user sees they were considered, not missed.
 UNCONVERTED_NORMS = (nn.LayerNorm, nn.GroupNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
-# What a synchronized layer holds besides its original's state; dropped again on revert.
-_SYNC_ATTRIBUTES = (
+# The normalizations convert_model(norm=...) can put in every BatchNorm's place.
+FORCEABLE_NORMS = tuple(norm for norm in PLAN_NORMS if norm != "keep")
+
+# distnorm's BatchNorm-shaped layers by norm name; the most derived classes first, since
+# BatchGroupNorm and BatchChannelNorm are SyncBatchNorms too.
+_LAYER_OF_NORM = {
+    "bgn": BatchGroupNorm,
+    "bcn": BatchChannelNorm,
+    "frozen_bn": FrozenBatchNorm,
+    "sync_bn": SyncBatchNorm,
+}
+
+# Weight-standardized convolutions by the torch convolution they replace.
+_WS_CONV_OF = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
+_CONV_OF_WS = {ws: conv for conv, ws in _WS_CONV_OF.items()}
+
+# What a converted layer holds besides its original's state; dropped again on revert.
+_DISTNORM_ATTRIBUTES = (
     "process_group",
     "_shift",
     "_distnorm_origin",
     "_distnorm_name",
     "_reached_sync",
+    "num_groups",
 )
 
 
-def convert_model(model: nn.Module, *, process_group: comm.Group = None) -> nn.Module:
-    """Replace every BatchNorm in ``model`` with a :class:`SyncBatchNorm` over
-    ``process_group`` (default: the world) and return the converted model.
+@dataclass(frozen=True)
+class LayerTarget:
+    """What one BatchNorm becomes: a ``norm`` name from :data:`FORCEABLE_NORMS` or
+    ``"keep"`` (left exactly as it is, converted or not), the process group
+    its statistics span (synchronized layers), and its number of groups (GN, BCN, BGN;
+    None chooses one with :func:`~distnorm.layers.group_norm.choose_num_groups`)."""
+
+    norm: str
+    process_group: comm.Group = None
+    num_groups: int | None = None
+
+
+def convert_model(
+    model: nn.Module,
+    per_worker_batch_size: int | str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    *,
+    norm: str | None = None,
+    plan: Plan | None = None,
+    process_group: comm.Group = None,
+    num_groups: int | None = None,
+    weight_standardization: bool | None = None,
+    **plan_options: Any,
+) -> nn.Module:
+    """Replace the BatchNorms of ``model`` with distributed-aware normalizations and return
+    the converted model. Three ways to say which:
+
+    * ``per_worker_batch_size`` (an int, or a DeepSpeed / Accelerate config to read it
+      from): the policy engine decides per layer, :func:`distnorm.plan` with
+      ``plan_options`` (``policy``, ``pretrained``, ``sample_input``, ``world_size``,
+      ``ranks_per_node``), and this applies the plan; ``plan=`` replays a saved one.
+      The sync groups the plan needs are created here, once, on every rank: convert
+      after ``init_process_group``, on every rank.
+    * ``norm``: one normalization for every BatchNorm, one of ``"bn"``, ``"sync_bn"``
+      (over ``process_group``, default the world), ``"gn_ws"``, ``"bcn"``, ``"bgn"``,
+      ``"frozen_bn"``. ``num_groups`` fixes G for the grouped ones (it must divide every
+      converted layer's channels; by default GroupNorm's 32, reduced to a divisor).
+    * neither: every BatchNorm becomes a :class:`SyncBatchNorm` over ``process_group``.
+
+    ``weight_standardization`` (default: on for ``"gn_ws"`` and ``"bcn"``, the pairings
+    of Qiao et al.) standardizes the convolutions feeding those layers.
 
     The model is changed in place, but a BatchNorm at the root is replaced, so always use
     the return value. Convert *before* wrapping the model in DDP, Accelerate or DeepSpeed.
-    Converting an already converted model changes nothing. ``conversion_report(model)``
-    lists what was replaced; it is also logged (rank 0, INFO).
+    Converting an already converted model to the same norm changes nothing.
+    ``conversion_report(model)`` lists what was replaced; it is also logged (rank 0, INFO).
     """
+    planned = per_worker_batch_size is not None or plan is not None
+    if norm is not None and planned:
+        raise ConversionError(
+            "convert_model got both norm= and a per-worker batch size or plan; give norm= to "
+            "force one normalization everywhere, or let the plan decide (its policy's "
+            "overrides can force a norm for some layers)"
+        )
+    if plan_options and not planned:
+        raise ConversionError(
+            f"convert_model got planning options {sorted(plan_options)} without "
+            "per_worker_batch_size=...; they only apply when the policy engine plans"
+        )
+    if planned:
+        if plan is None:
+            plan = make_plan(model, per_worker_batch_size, **plan_options)
+        return apply_targets(
+            model, _plan_targets(plan), weight_standardization=weight_standardization is not False
+        )
+
+    norm = "sync_bn" if norm is None else norm
+    if norm not in FORCEABLE_NORMS:
+        raise ConversionError(
+            f"convert_model(norm={norm!r}): unknown normalization; choose one of "
+            f"{', '.join(FORCEABLE_NORMS)}"
+        )
+    target = LayerTarget(norm, process_group, num_groups)
+    if weight_standardization is None:
+        weight_standardization = norm in _WS_NORMS
+    return apply_targets(
+        model, lambda name, module: target, weight_standardization=weight_standardization
+    )
+
+
+def _plan_targets(plan: Plan) -> Callable[[str, _BatchNorm], LayerTarget]:
+    """Each layer's target under ``plan``, with the plan's sync groups created up front (in
+    the plan's order, on every rank, as torch requires)."""
+    live_world = comm.world_layout().world_size
+    if plan.world_size != live_world:
+        raise ConversionError(
+            f"the plan was made for a world of {plan.world_size} ranks but this job has "
+            f"{live_world}; plan again for this world (distnorm.plan(...)) or convert with "
+            "per_worker_batch_size=... to plan and convert in one step"
+        )
+    groups = {size: comm.sync_group(size) for size in plan.sync_group_sizes}
+    decisions = {layer.name: layer for layer in plan.layers}
+
+    def target_of(name: str, module: _BatchNorm) -> LayerTarget:
+        decision = decisions.get(name)
+        if decision is None:
+            raise ConversionError(
+                f"{_where(name, module)} has no entry in the plan; the plan was made for "
+                "another model (plan this model, or convert before renaming modules)"
+            )
+        # Synchronized layers the plan keeps local get a group of their own rank alone.
+        group = groups[decision.sync_group_size] if decision.sync_group_size else comm.LOCAL
+        return LayerTarget(decision.norm, group, decision.num_groups)
+
+    return target_of
+
+
+def apply_targets(
+    model: nn.Module,
+    target_of: Callable[[str, _BatchNorm], LayerTarget],
+    *,
+    weight_standardization: bool,
+) -> nn.Module:
+    """Convert each BatchNorm of ``model`` to ``target_of(qualified_name, module)``, and,
+    with ``weight_standardization``, standardize the convolutions that feed a layer
+    converted to ``"gn_ws"`` or ``"bcn"``. The engine under :func:`convert_model`."""
     if isinstance(model, DistributedDataParallel):
         raise ConversionError(
             "convert_model got a DistributedDataParallel wrapper; convert the model first "
             "and wrap it afterwards: DDP(distnorm.convert_model(model))"
         )
-
-    def to_sync(name: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, _BatchNorm) or isinstance(module, SyncBatchNorm):
-            return None
-        if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
-            raise ConversionError(
-                f"{_where(name, module)} is a lazy module whose parameters are not yet "
-                "materialized; run one forward pass before convert_model"
+    targets = {
+        name: target_of(name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm)
+    }
+    standardize: set[str] = set()
+    if weight_standardization and any(t.norm in _WS_NORMS for t in targets.values()):
+        links = conv_norm_links(model, (_BatchNorm,))
+        standardize = {conv for conv, norm in links.pairs if targets[norm].norm in _WS_NORMS}
+        if links.method != "torch.fx":
+            logger.info("distnorm: weight standardization placed by %s", links.reason)
+        single_weight = {n for n in standardize if model.get_submodule(n).weight[0].numel() < 2}
+        if single_weight:  # standardizing one value gives 0: such filters stay plain
+            logger.info(
+                "distnorm: convolutions left plain (1 weight per filter): %s",
+                ", ".join(sorted(single_weight)),
             )
-        target = SyncBatchNorm if type(module) in TORCH_BATCHNORMS else _synchronized(type(module))
-        converted = _reclass(module, target)
-        converted._init_sync_state(
-            process_group if process_group is not None else getattr(module, "process_group", None)
-        )
-        converted._distnorm_origin = type(module)
-        converted._distnorm_name = name
-        return converted
+            standardize -= single_weight
 
-    converted = _replace_modules(model, to_sync)
+    def convert(name: str, module: nn.Module) -> nn.Module | None:
+        if name in standardize:
+            return _standardized(name, module)
+        if name in targets and isinstance(module, _BatchNorm):
+            return _converted(name, module, targets[name])
+        return None
+
+    converted = _replace_modules(model, convert)
     if logger.isEnabledFor(logging.INFO):  # the report walks the model again: only if shown
         logger.info("distnorm.convert_model:\n%s", conversion_report(converted))
     return converted
 
 
+# Normalizations whose feeding convolutions get Weight Standardization (Qiao et al. pair
+# WS with GroupNorm and with Batch-Channel Norm).
+_WS_NORMS = ("gn_ws", "bcn")
+
+
+def _norm_of(module: nn.Module) -> str | None:
+    """The ``norm=`` name of a distnorm layer; None for anything else."""
+    for norm, layer in _LAYER_OF_NORM.items():
+        if isinstance(module, layer):
+            return norm
+    return None
+
+
+def _converted(name: str, module: _BatchNorm, target: LayerTarget) -> nn.Module | None:
+    """``module`` as ``target`` asks, or None where it stays as it is."""
+    if target.norm == "keep":
+        return None
+    current = _norm_of(module)
+    if current is not None:  # converted before: the same norm again is a no-op
+        if current == target.norm:
+            return None
+        raise ConversionError(
+            f"{_where(name, module)} is already converted to {current!r}; call "
+            f"distnorm.revert_model first to convert it to {target.norm!r}"
+        )
+    if target.norm == "bn":
+        return None
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise ConversionError(
+            f"{_where(name, module)} is a lazy module whose parameters are not yet "
+            "materialized; run one forward pass before convert_model"
+        )
+    if type(module) not in TORCH_BATCHNORMS and target.norm != "sync_bn":
+        raise ConversionError(
+            f"{_where(name, module)} is a BatchNorm subclass with behaviour of its own; only "
+            f"'sync_bn' keeps it (by calling its forward), {target.norm!r} would drop it. "
+            "Convert this layer to 'sync_bn' or 'bn', or replace the class in the model"
+        )
+    if target.norm == "gn_ws":
+        converted = _group_norm(name, module, target.num_groups)
+    elif target.norm == "frozen_bn":
+        converted = _reclass(module, FrozenBatchNorm)
+        converted._freeze()
+    else:  # the synchronized layers
+        if target.norm == "sync_bn" and type(module) not in TORCH_BATCHNORMS:
+            converted = _reclass(module, _synchronized(type(module)))
+        else:
+            converted = _reclass(module, _LAYER_OF_NORM[target.norm])
+        group = target.process_group
+        if group is None:  # torch's SyncBatchNorm brings a group of its own
+            group = getattr(module, "process_group", None)
+        converted._init_sync_state(group)
+        if target.norm == "bgn":
+            converted._init_group_state(_num_groups(name, module, target.num_groups))
+        elif target.norm == "bcn":
+            converted._init_channel_state(_num_groups(name, module, target.num_groups))
+    converted._distnorm_origin = type(module)
+    converted._distnorm_name = name
+    return converted
+
+
+def _num_groups(name: str, module: _BatchNorm, forced: int | None) -> int:
+    """G for a layer of ``module.num_features`` channels: ``forced`` when it divides them,
+    else GroupNorm's default reduced to a divisor (``choose_num_groups``)."""
+    channels = module.num_features
+    if forced is None:
+        return choose_num_groups(channels, layer=_where(name, module))
+    if forced < 1 or channels % forced:
+        raise InputError(
+            f"{_where(name, module)} has {channels} channels, which num_groups={forced} does "
+            "not divide; choose a G that divides every converted layer's channel count, or "
+            "leave num_groups unset to choose one per layer"
+        )
+    return forced
+
+
+def _group_norm(name: str, module: _BatchNorm, num_groups: int | None) -> nn.GroupNorm:
+    """A GroupNorm over the same channels, sharing the BatchNorm's affine parameters."""
+    groups = _num_groups(name, module, num_groups)
+    reference = module.weight if module.weight is not None else module.running_mean
+    layer = nn.GroupNorm(
+        groups, module.num_features, eps=module.eps, affine=False,
+        device=None if reference is None else reference.device,
+    )  # fmt: skip
+    layer.affine = module.affine
+    layer.weight, layer.bias = module.weight, module.bias
+    layer.train(module.training)
+    return layer
+
+
+def _standardized(name: str, conv: nn.Module) -> nn.Module | None:
+    """The convolution re-classed as its weight-standardized twin (same parameters)."""
+    if type(conv) not in _WS_CONV_OF:
+        return None  # already standardized, or a conv subclass distnorm does not know
+    standardized = _reclass(conv, _WS_CONV_OF[type(conv)])
+    standardized._init_standardization()
+    standardized._distnorm_origin = type(conv)
+    standardized._distnorm_name = name
+    return standardized
+
+
 def revert_model(model: nn.Module) -> nn.Module:
-    """Give every distnorm layer in ``model`` its original torch class again (a directly
-    constructed SyncBatchNorm becomes ``nn.BatchNorm2d``), sharing parameters and buffers,
-    so that eval outputs are identical. In place except at the root; use the return value.
+    """Give every distnorm layer in ``model`` plain torch modules again, with identical
+    eval outputs, for export: SyncBN, FrozenBN and BGN become their original BatchNorm
+    class (a directly constructed one ``nn.BatchNorm2d``; BGN's group statistics spread
+    over their channels), BCN becomes ``Sequential(BatchNorm, GroupNorm)``, a
+    weight-standardized convolution a plain one holding the standardized weight, and a
+    GroupNorm converted from BatchNorm stays a GroupNorm. SyncBN and FrozenBN share their
+    parameters and buffers with the reverted module; FrozenBN's affine is trainable again.
+    In place except at the root; use the return value.
     """
 
     def to_torch(name: str, module: nn.Module) -> nn.Module | None:
-        if not isinstance(module, SyncBatchNorm):
+        origin = getattr(module, "_distnorm_origin", None)
+        if type(module) in _CONV_OF_WS:
+            return _plain_conv(module, origin or _CONV_OF_WS[type(module)])
+        if isinstance(module, nn.GroupNorm) and origin is not None:
+            del module._distnorm_origin, module._distnorm_name  # a GroupNorm it stays
             return None
-        origin = getattr(module, "_distnorm_origin", nn.BatchNorm2d)
+        if _norm_of(module) is None:
+            return None
+        origin = origin or nn.BatchNorm2d
+        if isinstance(module, BatchChannelNorm):
+            return module.to_torch(origin)
         reverted = _reclass(module, origin)
-        for attribute in _SYNC_ATTRIBUTES:
-            if attribute == "process_group" and issubclass(origin, nn.SyncBatchNorm):
-                continue  # torch's SyncBatchNorm holds a process group of its own
-            reverted.__dict__.pop(attribute, None)
+        if isinstance(module, BatchGroupNorm) and module.channel_running_stats() is not None:
+            reverted.running_mean, reverted.running_var = module.channel_running_stats()
+        if isinstance(module, FrozenBatchNorm):
+            for parameter in (reverted.weight, reverted.bias):
+                if parameter is not None:
+                    parameter.requires_grad_(True)
+        _drop_distnorm_attributes(reverted, issubclass(origin, nn.SyncBatchNorm))
         return reverted
 
     return _replace_modules(model, to_torch)
+
+
+def _drop_distnorm_attributes(module: nn.Module, keep_process_group: bool) -> None:
+    for attribute in _DISTNORM_ATTRIBUTES:
+        if attribute == "process_group" and keep_process_group:
+            continue  # torch's SyncBatchNorm holds a process group of its own
+        module.__dict__.pop(attribute, None)
+
+
+def _plain_conv(conv: nn.Module, origin: type[nn.Module]) -> nn.Module:
+    """A plain convolution computing what the weight-standardized ``conv`` computes."""
+    plain = _reclass(conv, origin)
+    plain.weight = nn.Parameter(conv.standardized_weight().detach().clone())
+    for attribute in ("eps", "variant", "_distnorm_origin", "_distnorm_name"):
+        plain.__dict__.pop(attribute, None)
+    return plain
 
 
 @dataclass(frozen=True)
@@ -144,21 +428,29 @@ class ConversionReport:
         """The rows of layers that distnorm replaced."""
         return tuple(r for r in self.rows if r.original != r.converted)
 
+    @property
+    def standardized_convs(self) -> tuple[str, ...]:
+        """Names of the convolutions given Weight Standardization."""
+        ws_names = {cls.__name__ for cls in _WS_CONV_OF.values()}
+        return tuple(r.name for r in self.rows if r.converted in ws_names)
+
 
 def conversion_report(model: nn.Module) -> ConversionReport:
-    """What :func:`convert_model` did to ``model``: every distnorm layer with its original
-    class and sync group, and every other normalization layer, marked as left alone."""
+    """What :func:`convert_model` did to ``model``: every layer it replaced (normalizations
+    and standardized convolutions) with its original class and sync group, and every other
+    normalization layer, marked as left alone."""
     rows = []
     for name, module in model.named_modules():
         name = name or "(root)"
-        if isinstance(module, SyncBatchNorm):
-            origin = getattr(module, "_distnorm_origin", None)
+        origin = getattr(module, "_distnorm_origin", None)
+        if origin is not None or _norm_of(module) is not None:
+            synchronized = isinstance(module, SyncBatchNorm)
             rows.append(
                 ConversionRow(
                     name,
                     origin.__name__ if origin is not None else "-",
                     type(module).__name__,
-                    comm.describe_group(module.process_group),
+                    comm.describe_group(module.process_group) if synchronized else "-",
                 )
             )
         elif isinstance(module, (_BatchNorm, *UNCONVERTED_NORMS)):
