@@ -190,3 +190,41 @@ def test_batchnorm_subclass_with_behaviour_is_refused_for_other_norms() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), BatchNormReLU(8))
     with pytest.raises(distnorm.ConversionError, match=r"module '1'.*only 'sync_bn' keeps it"):
         distnorm.convert_model(model, norm="gn_ws")
+
+
+def gn_ws_block_formula(
+    x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """Qiao et al. Sec. 3 (W-hat, biased variance, eps 1e-6 inside the root) then Wu & He
+    Eq. (1)-(3) per sample over C/G channels (eps 1e-5), per-channel affine; float64."""
+    flat = weight.flatten(1)
+    mean = flat.mean(dim=1, keepdim=True)
+    var = ((flat - mean) ** 2).mean(dim=1, keepdim=True)
+    w_hat = ((flat - mean) / torch.sqrt(var + 1e-6)).view_as(weight)
+    y = F.conv2d(x, w_hat, padding=1)
+    n, c, h, w = y.shape
+    grouped = y.reshape(n, groups, -1)
+    g_mean = grouped.mean(dim=2, keepdim=True)
+    g_var = ((grouped - g_mean) ** 2).mean(dim=2, keepdim=True)
+    normalized = ((grouped - g_mean) / torch.sqrt(g_var + 1e-5)).view(n, c, h, w)
+    return normalized * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_converted_gn_ws_block_is_the_papers_formula_and_passes_gradcheck(mode: str) -> None:
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)).double()
+    with torch.no_grad():
+        block[1].weight.uniform_(0.5, 1.5)
+        block[1].bias.uniform_(-0.5, 0.5)
+    block = distnorm.convert_model(block, norm="gn_ws", num_groups=4).train(mode == "train")
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    conv, norm = block[0], block[1]
+    expected = gn_ws_block_formula(x, conv.weight, norm.weight, norm.bias, 4)
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-10)
+
+    def run(x: torch.Tensor, conv_w: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor):
+        parameters = {"0.weight": conv_w, "1.weight": gamma, "1.bias": beta}
+        return torch.func.functional_call(block, parameters, (x,))
+
+    assert torch.autograd.gradcheck(run, (x, conv.weight, norm.weight, norm.bias))
