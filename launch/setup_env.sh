@@ -11,7 +11,13 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==${TORCH_VERSION:-2.13.0}"
   "$PYTHON" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-if ! "$PYTHON" -c "import distnorm, pytest, sklearn, tqdm" 2>/dev/null; then
-  echo "[setup] installing distnorm (editable) with its dev extras"
-  "$PYTHON" -m pip install --quiet -e "$repo[dev]"
+# The package with its dev extras and the launchers the tests run for real: Accelerate,
+# DeepSpeed, and mpi4py with the MPICH wheel (which brings mpiexec and the MPI library).
+if ! "$PYTHON" -c "import distnorm, pytest, sklearn, tqdm, accelerate, deepspeed, mpi4py" \
+  2>/dev/null; then
+  echo "[setup] installing distnorm (editable) with its dev and launchers extras"
+  "$PYTHON" -m pip install --quiet -e "$repo[dev,launchers]"
 fi
+# pyenv only puts new console scripts (torchrun, accelerate, deepspeed, mpiexec) on PATH
+# after a rehash; the tests find them next to the interpreter either way.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

@@ -1,32 +1,84 @@
-"""distnorm's main job and the example to copy: train a small ResNet data-parallel with its
-BatchNorms synchronized by distnorm.
+r"""distnorm's main job and the example to copy: train a small ResNet data-parallel, with its
+BatchNorms converted by distnorm's policy, under whichever launcher you already use.
 
-    torchrun --standalone --nproc_per_node 2 launch/train.py      # 2 CPU processes (gloo)
-    python launch/train.py                                        # 1 process, no process group
+    python launch/train.py                                      # 1 process
+    torchrun --standalone --nproc_per_node 2 launch/train.py    # DDP, gloo on CPU
+    accelerate launch --config_file configs/accelerate/cpu.yaml launch/train.py
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launch/train.py \
+        --deepspeed_config configs/deepspeed/zero2.json         # ZeRO-2 (zero0/zero1.json too)
+    mpiexec -n 2 python launch/train.py                         # rank and world from mpi4py
+    sbatch launch/slurm.sbatch                                  # multi-node torchrun (SLURM)
+
+The script is the same under all of them: ``distnorm.distributed.init_distributed`` joins
+the ranks whatever started them, ``distnorm.plan`` decides each BatchNorm's replacement from
+the per-worker batch and the world size (printed on rank 0), ``convert_model`` applies it,
+and the model is wrapped for DDP, Accelerate (under ``accelerate launch``) or DeepSpeed
+(with ``--deepspeed_config``): see launch/engines.py.
 
 The data is scikit-learn's digits (1,797 8x8 images that ship inside the package: nothing
-is downloaded). Each rank trains on its shard with a per-worker batch of 8 by default, the
-small-batch regime in which synchronizing BatchNorm statistics matters.
+is downloaded). Each rank trains on its shard with a per-worker batch of 16: under the
+default policy's target of 32 samples per statistic, 2 ranks get SyncBatchNorm over both.
+A checkpoint is written after every epoch and ``--resume`` continues from it under any
+launcher with the same number of processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from engines import AccelerateEngine, DDPEngine, DeepSpeedEngine  # launch/engines.py
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 import distnorm
+from distnorm.distributed import DistributedContext, init_distributed
 from distnorm.examples import small_resnet
+
+DEFAULT_PER_WORKER_BATCH = 16
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=12, help="length of the LR schedule")
+    parser.add_argument(
+        "--stop-after-epoch", type=int, help="end this run after that epoch (resume later)"
+    )
+    parser.add_argument("--steps-per-epoch", type=int, help="cap on steps per epoch (smoke tests)")
+    parser.add_argument(
+        "--per-worker-batch",
+        type=int,
+        help=f"samples per rank per step (default {DEFAULT_PER_WORKER_BATCH}, or the DeepSpeed "
+        "config's train_micro_batch_size_per_gpu)",
+    )
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--policy", default="default", help="distnorm policy name or YAML file")
+    parser.add_argument(
+        "--no-convert", action="store_true", help="keep local BatchNorm, for comparison"
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="checkpoint folder")
+    parser.add_argument("--resume", type=Path, help="checkpoint to continue from")
+    parser.add_argument("--summary-dir", type=Path, help="write one JSON summary per rank here")
+    parser.add_argument("--deepspeed_config", help="train with DeepSpeed using this JSON config")
+    # The deepspeed launcher (and torch.distributed.launch) pass --local_rank; the rank
+    # actually used is read from the environment by init_distributed.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.deepspeed_config and args.per_worker_batch:
+        parser.error("with --deepspeed_config the per-worker batch comes from the config")
+    return args
 
 
 def digits(seed: int) -> tuple[TensorDataset, TensorDataset]:
@@ -52,96 +104,193 @@ def all_ranks_sum(values: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, test: TensorDataset, rank: int, world_size: int) -> float:
+def evaluate(model: nn.Module, test: TensorDataset, ctx: DistributedContext) -> float:
     """Accuracy on the whole test set, each rank scoring every world_size-th sample."""
     model.eval()
-    images, labels = test.tensors[0][rank::world_size], test.tensors[1][rank::world_size]
-    correct = (model(images).argmax(dim=1) == labels).sum().item() if len(labels) else 0
+    images, labels = (t[ctx.rank :: ctx.world_size] for t in test.tensors)
+    predictions = model(images.to(ctx.device)).argmax(dim=1).cpu()
     model.train()
-    total_correct, total = all_ranks_sum([correct, len(labels)])
-    return total_correct / total
+    correct, total = all_ranks_sum([(predictions == labels).sum().item(), len(labels)])
+    return correct / total
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--per-worker-batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-convert", action="store_true", help="keep local BatchNorm, for comparison"
+def wrap(
+    model: nn.Module, optimizer: Any, schedule: Any, ctx: DistributedContext, args: Any
+) -> DDPEngine | AccelerateEngine | DeepSpeedEngine:
+    """DeepSpeed with a DeepSpeed config, Accelerate under ``accelerate launch``, else DDP."""
+    if args.deepspeed_config:
+        engine = DeepSpeedEngine(model, optimizer, schedule, ctx, args.deepspeed_config)
+    elif "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by accelerate launch
+        engine = AccelerateEngine(model, optimizer, schedule, ctx)
+    else:
+        engine = DDPEngine(model, optimizer, schedule, ctx)
+    if engine.world_size != ctx.world_size:
+        raise SystemExit(
+            f"{engine.name} sees {engine.world_size} processes but the process group has "
+            f"{ctx.world_size}: each rank would train alone; check the launcher's flags"
+        )
+    return engine
+
+
+def layer_fingerprints(model: nn.Module) -> dict[str, dict[str, str]]:
+    """Each normalization layer's class, sync group and a SHA-256 of its running
+    statistics: equal digests on every rank mean bitwise-identical statistics."""
+    modules = dict(model.named_modules())
+    fingerprints = {}
+    for row in distnorm.conversion_report(model).rows:
+        module = modules["" if row.name == "(root)" else row.name]
+        digest = hashlib.sha256()
+        for buffer in module.buffers(recurse=False):
+            digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
+        fingerprints[row.name] = {"now": row.converted, "group": row.sync_group}
+        fingerprints[row.name]["running_stats_sha256"] = digest.hexdigest()
+    return fingerprints
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's state_dict (parameters and buffers, in key order)."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: an interrupted save never leaves a truncated checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def write_summary(
+    folder: Path,
+    record: dict[str, Any],
+    ctx: DistributedContext,
+    engine: Any,
+    model: nn.Module,
+    plan: distnorm.Plan,
+) -> None:
+    """One JSON file per rank: what this process saw (world size, per the process group and
+    per the engine), its losses, and fingerprints of its final state, for comparing ranks."""
+    record.update(
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        engine_world_size=engine.world_size,
+        launcher=ctx.launcher,
+        engine=engine.name,
+        backend=ctx.backend,
+        final_state_sha256=state_digest(model),
+        norm_layers=layer_fingerprints(model),
+        plan=plan.to_dict(),
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="checkpoint folder")
-    return parser.parse_args()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{ctx.rank}.json").write_text(json.dumps(record, indent=1, default=str))
 
 
 def main() -> None:
     args = parse_args()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:  # started by torchrun (or any launcher that sets the env:// variables)
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    # torchrun, accelerate, deepspeed, mpirun, srun or one process (DeepSpeed wants a
+    # process group even then: a one-rank one).
+    ctx = init_distributed(init_single_process=args.deepspeed_config is not None)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if ctx.device.type == "cpu":  # share the cores among this node's ranks
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
     train, test = digits(args.seed)
     model = small_resnet()
+    checkpoint = torch.load(args.resume, map_location="cpu") if args.resume else None
+
+    # Decide each BatchNorm's replacement, show it, apply it. A resumed run replays the
+    # checkpoint's plan (same layers, same state_dict) when the world size is unchanged.
+    batch = args.deepspeed_config or args.per_worker_batch or DEFAULT_PER_WORKER_BATCH
+    saved_plan = checkpoint and checkpoint.get("plan")
+    if saved_plan and saved_plan["world_size"] == ctx.world_size:
+        plan = distnorm.Plan.from_dict(saved_plan)
+    else:
+        sample = train.tensors[0][:2]  # lets the plan count the values each statistic sees
+        plan = distnorm.plan(model, batch, policy=args.policy, sample_input=sample)
     if not args.no_convert:
-        model = distnorm.convert_model(model)
-        if rank == 0:
-            print(distnorm.conversion_report(model))
-    ddp_model = DistributedDataParallel(model) if dist.is_initialized() else model
+        if ctx.is_main_process:
+            print(plan)
+        model = distnorm.convert_model(model, plan=plan)
 
-    sampler = (
-        DistributedSampler(train, shuffle=True, seed=args.seed) if dist.is_initialized() else None
-    )
-    loader = DataLoader(train, args.per_worker_batch, shuffle=sampler is None, sampler=sampler)
+    sampler = DistributedSampler(train, ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(train, plan.per_worker_batch_size, sampler=sampler, drop_last=True)
+    steps_per_epoch = min(len(loader), args.steps_per_epoch or len(loader))
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=0.9, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * len(loader))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * steps_per_epoch)
 
-    if rank == 0:
+    start_epoch = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        start_epoch = checkpoint["epoch"]
+    initial_digest = state_digest(model)
+    engine = wrap(model, optimizer, schedule, ctx, args)
+    if checkpoint is not None:
+        engine.load_optimizer_state(checkpoint["optimizer"])
+        if ctx.is_main_process:
+            print(f"resumed from {args.resume} at epoch {start_epoch}")
+
+    if ctx.is_main_process:
         print(
-            f"world size {world_size}, per-worker batch {args.per_worker_batch}, "
-            f"global batch {world_size * args.per_worker_batch}"
+            f"{ctx.launcher}: {ctx.world_size} process(es), {engine.name}, backend "
+            f"{ctx.backend or 'none'}; per-worker batch {plan.per_worker_batch_size}, "
+            f"global batch {ctx.world_size * plan.per_worker_batch_size}"
         )
-    for epoch in range(args.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+    summary: dict[str, Any] = {"step_losses": [], "epoch_losses": [], "accuracies": []}
+    last_epoch = min(args.stop_after_epoch or args.epochs, args.epochs)
+    out = args.out / "checkpoint.pt"
+    for epoch in range(start_epoch, last_epoch):
+        sampler.set_epoch(epoch)
         loss_sum, seen = 0.0, 0
-        for images, labels in tqdm(
-            loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, leave=False
-        ):
-            loss = F.cross_entropy(ddp_model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+        progress = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{args.epochs}",
+            disable=not ctx.is_main_process,
+            leave=False,
+        )
+        for images, labels in islice(loader, steps_per_epoch):
+            images, labels = images.to(engine.device), labels.to(engine.device)
+            loss = F.cross_entropy(engine(images), labels)
+            engine.step(loss)
+            summary["step_losses"].append(loss.item())
             loss_sum, seen = loss_sum + loss.item() * len(labels), seen + len(labels)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+            progress.update()
+        progress.close()
         total_loss, total_seen = all_ranks_sum([loss_sum, seen])
-        accuracy = evaluate(model, test, rank, world_size)
-        if rank == 0:
+        accuracy = evaluate(model, test, ctx)
+        summary["epoch_losses"].append(total_loss / total_seen)
+        summary["accuracies"].append(accuracy)
+        if ctx.is_main_process:
             print(
                 f"epoch {epoch + 1:2d}  train loss {total_loss / total_seen:.4f}  "
                 f"test accuracy {100 * accuracy:.2f}%"
             )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": engine.optimizer_state(),  # every rank: gathers ZeRO partitions
+            "schedule": schedule.state_dict(),
+            "epoch": epoch + 1,
+            "plan": plan.to_dict(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
+        if ctx.is_main_process:
+            save_checkpoint(out, state)
 
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
-        checkpoint = args.out / "checkpoint.pt"
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": args.epochs,
-                "args": vars(args),
-            },
-            checkpoint,
-        )
-        print(
-            f"final test accuracy {100 * accuracy:.2f}%; checkpoint saved to {checkpoint.resolve()}"
-        )
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if start_epoch >= last_epoch:  # resumed a finished run: nothing trained, just score it
+        accuracy = evaluate(model, test, ctx)
+    if ctx.is_main_process:
+        print(f"final test accuracy {100 * accuracy:.2f}%; checkpoint: {out.resolve()}")
+    if args.summary_dir:
+        summary.update(start_epoch=start_epoch, end_epoch=last_epoch, resumed_from=args.resume)
+        summary.update(initial_state_sha256=initial_digest)
+        write_summary(args.summary_dir, summary, ctx, engine, model, plan)
+    ctx.close()
 
 
 if __name__ == "__main__":
