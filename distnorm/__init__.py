@@ -8,8 +8,15 @@ print(distnorm.conversion_report(model))  # what was replaced, where
 model = distnorm.revert_model(model)      # plain torch modules again, for export
 """
 
+from distnorm.comm import even_steps
 from distnorm.convert import ConversionReport, conversion_report, convert_model, revert_model
-from distnorm.errors import ConversionError, DistNormError, InputError, PolicyError
+from distnorm.errors import (
+    ConversionError,
+    DistNormError,
+    InputError,
+    PolicyError,
+    SyncMismatchError,
+)
 from distnorm.layers import (
     BatchChannelNorm,
     BatchGroupNorm,
@@ -44,12 +51,14 @@ __all__ = [
     "Policy",
     "PolicyError",
     "SyncBatchNorm",
+    "SyncMismatchError",
     "WSConv1d",
     "WSConv2d",
     "WSConv3d",
     "available_policies",
     "conversion_report",
     "convert_model",
+    "even_steps",
     "load_policy",
     "per_worker_batch_size_from_config",
     "plan",

@@ -32,6 +32,7 @@ import copy
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,11 @@ _DISTNORM_ATTRIBUTES = (
     "_distnorm_name",
     "_reached_sync",
     "num_groups",
+    "check_sync",
+    "nonfinite",
+    "_sync_layer_id",
+    "_sync_label",
+    "_sync_calls",
 )
 
 
@@ -115,6 +121,7 @@ def convert_model(
     process_group: comm.Group = None,
     num_groups: int | None = None,
     weight_standardization: bool | None = None,
+    check_sync: bool | None = None,
     **plan_options: Any,
 ) -> nn.Module:
     """Replace the BatchNorms of ``model`` with distributed-aware normalizations and return
@@ -133,11 +140,16 @@ def convert_model(
     * neither: every BatchNorm becomes a :class:`SyncBatchNorm` over ``process_group``.
 
     ``weight_standardization`` (default: on for ``"gn_ws"`` and ``"bcn"``, the pairings
-    of Qiao et al.) standardizes the convolutions feeding those layers.
+    of Qiao et al.) standardizes the convolutions feeding those layers. ``check_sync``
+    (default: on for CPU tensors, off for CUDA ones; ``True`` for both) makes every
+    synchronized layer check, inside each collective, that all
+    ranks are in the same layer and call, raising :class:`~distnorm.SyncMismatchError`
+    instead of mixing statistics or hanging; ``False`` saves its 9 values per collective.
 
     The model is changed in place, but a BatchNorm at the root is replaced, so always use
     the return value. Convert *before* wrapping the model in DDP, Accelerate or DeepSpeed.
-    Converting an already converted model to the same norm changes nothing.
+    Converting an already converted model to the same norm changes nothing. A model
+    without BatchNorm layers is returned unchanged, with a warning.
     ``conversion_report(model)`` lists what was replaced; it is also logged (rank 0, INFO).
     """
     planned = per_worker_batch_size is not None or plan is not None
@@ -146,6 +158,14 @@ def convert_model(
             "convert_model got both norm= and a per-worker batch size or plan; give norm= to "
             "force one normalization everywhere, or let the plan decide (its policy's "
             "overrides can force a norm for some layers)"
+        )
+    if planned and process_group is not None:
+        raise ConversionError(
+            "convert_model got a process_group with a per-worker batch size or plan: a plan "
+            "forms its sync groups from consecutive ranks of the whole world and cannot "
+            "honour a base group (the data-parallel group under model parallelism). Force "
+            "the norm over that group instead: convert_model(model, norm='sync_bn', "
+            "process_group=distnorm.distributed.data_parallel_group(mpu))"
         )
     if plan_options and not planned:
         raise ConversionError(
@@ -156,7 +176,10 @@ def convert_model(
         if plan is None:
             plan = make_plan(model, per_worker_batch_size, **plan_options)
         return apply_targets(
-            model, _plan_targets(plan), weight_standardization=weight_standardization is not False
+            model,
+            _plan_targets(plan),
+            weight_standardization=weight_standardization is not False,
+            check_sync=check_sync,
         )
 
     norm = "sync_bn" if norm is None else norm
@@ -169,7 +192,10 @@ def convert_model(
     if weight_standardization is None:
         weight_standardization = norm in _WS_NORMS
     return apply_targets(
-        model, lambda name, module: target, weight_standardization=weight_standardization
+        model,
+        lambda name, module: target,
+        weight_standardization=weight_standardization,
+        check_sync=check_sync,
     )
 
 
@@ -205,10 +231,12 @@ def apply_targets(
     target_of: Callable[[str, _BatchNorm], LayerTarget],
     *,
     weight_standardization: bool,
+    check_sync: bool | None = None,
 ) -> nn.Module:
     """Convert each BatchNorm of ``model`` to ``target_of(qualified_name, module)``, and,
     with ``weight_standardization``, standardize the convolutions that feed a layer
-    converted to ``"gn_ws"`` or ``"bcn"``. The engine under :func:`convert_model`."""
+    converted to ``"gn_ws"`` or ``"bcn"``; synchronized layers get ``check_sync``. The
+    engine under :func:`convert_model`."""
     if isinstance(model, DistributedDataParallel):
         raise ConversionError(
             "convert_model got a DistributedDataParallel wrapper; convert the model first "
@@ -219,6 +247,14 @@ def apply_targets(
         for name, module in model.named_modules()
         if isinstance(module, _BatchNorm)
     }
+    if not targets and not any(hasattr(m, "_distnorm_origin") for m in model.modules()):
+        warnings.warn(
+            f"distnorm.convert_model: {type(model).__name__} has no BatchNorm layers, so "
+            "nothing was converted; distnorm converts BatchNorm (other normalizations are "
+            "left alone)",
+            UserWarning,
+            stacklevel=3,
+        )
     standardize: set[str] = set()
     if weight_standardization and any(t.norm in _WS_NORMS for t in targets.values()):
         links = conv_norm_links(model, (_BatchNorm,))
@@ -237,7 +273,7 @@ def apply_targets(
         if name in standardize:
             return _standardized(name, module)
         if name in targets and isinstance(module, _BatchNorm):
-            return _converted(name, module, targets[name])
+            return _converted(name, module, targets[name], check_sync)
         return None
 
     converted = _replace_modules(model, convert)
@@ -259,7 +295,9 @@ def _norm_of(module: nn.Module) -> str | None:
     return None
 
 
-def _converted(name: str, module: _BatchNorm, target: LayerTarget) -> nn.Module | None:
+def _converted(
+    name: str, module: _BatchNorm, target: LayerTarget, check_sync: bool | None
+) -> nn.Module | None:
     """``module`` as ``target`` asks, or None where it stays as it is."""
     if target.norm == "keep":
         return None
@@ -297,7 +335,8 @@ def _converted(name: str, module: _BatchNorm, target: LayerTarget) -> nn.Module 
         group = target.process_group
         if group is None:  # torch's SyncBatchNorm brings a group of its own
             group = getattr(module, "process_group", None)
-        converted._init_sync_state(group)
+        converted._distnorm_name = name  # first: its name identifies it in the sync check
+        converted._init_sync_state(group, check_sync)
         if target.norm == "bgn":
             converted._init_group_state(_num_groups(name, module, target.num_groups))
         elif target.norm == "bcn":

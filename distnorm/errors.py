@@ -21,6 +21,13 @@ class InputError(DistNormError, ValueError):
     """A layer received an input it cannot normalize (shape, dtype, or too few values)."""
 
 
+class SyncMismatchError(DistNormError, RuntimeError):
+    """The ranks of a sync group met in one collective from different synchronized layers,
+    or from different calls or directions of one layer. Raised on every rank of the group,
+    each naming the layer it was in, before any statistic is used; the ranks' control flow
+    differs, which would otherwise mix two layers' statistics or hang."""
+
+
 class PolicyError(DistNormError, ValueError):
     """A policy, an override or a plan asks for something invalid or impossible: an
     unknown key, a value of the wrong kind, a sync group larger than the world, a number

@@ -4,8 +4,8 @@ micro-batch (estimated) and the large-batch mode: outputs, input gradients, para
 gradients summed over ranks, and the estimates / running statistics, which must also be
 bit-identical on every rank; for uneven, empty and all-empty per-rank batches, world sizes
 2 and 3, sync groups smaller than the world, several steps and then eval. And what it
-sends: one fp32 all-reduce of 2C + 1 values per micro-batch training step (bf16 input
-too), nothing in backward or eval.
+sends: one fp32 all-reduce of 2C + 1 values (and the mismatch check's tag) per micro-batch
+training step (bf16 input too), nothing in backward or eval.
 
 Each world size is spawned once (a module-scoped fixture) and runs every case.
 """
@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from distnorm import comm
 from tests.multiprocess import run_on_ranks
 from tests.test_batch_channel_norm import (
     CHANNELS,
@@ -282,6 +283,7 @@ def test_one_all_reduce_of_2c_plus_1_values_per_training_step(
     for rank in results_by_world_size(world_size):
         logs = rank["communication"]
         for step in range(2):
-            assert logs[f"forward {step}"] == [("all_reduce", 2 * CHANNELS + 1, torch.float32)]
+            size = 2 * CHANNELS + 1 + comm.TAG_SIZE
+            assert logs[f"forward {step}"] == [("all_reduce", size, torch.float32)]
             assert logs[f"backward {step}"] == []
         assert logs["eval"] == []

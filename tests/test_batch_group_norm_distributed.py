@@ -2,7 +2,8 @@
 batch, written out in float64 in this file: outputs, input gradients, weight/bias gradients
 summed over ranks, running statistics (identical on every rank) and num_batches_tracked, over
 several steps, for uneven and empty per-rank batches at world sizes 2 and 3; and each step
-all-reduces 2G + 1 values forward and 2G backward, whatever the world size.
+all-reduces 2G + 1 values forward and 2G backward (plus the mismatch check's padding and
+tag), whatever the world size.
 
 Each world size is spawned once (a module-scoped fixture) and runs every case.
 """
@@ -18,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from distnorm import comm
 from distnorm.layers.batch_group_norm import BatchGroupNorm
 from tests.multiprocess import run_on_ranks
 
@@ -300,16 +302,17 @@ def test_matches_the_formula_on_the_concatenated_batch(
 def test_one_all_reduce_of_2g_plus_1_values_forward_and_2g_backward(
     results_by_world_size, world_size: int, case: Case
 ) -> None:
-    """Per step: [2G + 1] forward (after a first call's one-off [G + 1, 2G + 1], agreeing on
-    the shift) and [2G] backward, on every rank, the empty ones included; nothing in eval."""
-    g = case.groups
+    """Per step: [2G + 1] forward (after a first call's one-off, agreeing on the shift) and
+    [2G] backward, on every rank, the empty ones included; nothing in eval. The mismatch
+    check (on by default) pads each collective to 2G + 1 values and adds its tag."""
+    size = 2 * case.groups + 1 + comm.TAG_SIZE
     for rank_results in results_by_world_size(world_size)[case.id]:
         steps = rank_results["steps"]
-        assert steps[0]["forward_collectives"] == [("all_reduce", g + 1), ("all_reduce", 2 * g + 1)]
+        assert steps[0]["forward_collectives"] == [("all_reduce", size), ("all_reduce", size)]
         for step in steps[1:]:
-            assert step["forward_collectives"] == [("all_reduce", 2 * g + 1)]
+            assert step["forward_collectives"] == [("all_reduce", size)]
         for step in steps:
-            assert step["backward_collectives"] == [("all_reduce", 2 * g)]
+            assert step["backward_collectives"] == [("all_reduce", size)]
         assert rank_results["eval_collectives"] == []
 
 

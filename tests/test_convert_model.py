@@ -119,7 +119,8 @@ def test_other_norms_are_left_alone_and_listed() -> None:
 
 def test_model_without_norms_is_unchanged_and_reported_empty() -> None:
     model = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
-    assert distnorm.convert_model(model) is model
+    with pytest.warns(UserWarning, match="no BatchNorm layers"):
+        assert distnorm.convert_model(model) is model
     assert str(distnorm.conversion_report(model)) == "no normalization layers"
 
 

@@ -126,3 +126,8 @@ def test_reference_pairs_differ_from_the_world_batch() -> None:
     world = stem[0](torch.cat([rank_batch(r) for r in range(4)])).detach().mean(dim=(0, 2, 3))
     pair = stem[0](torch.cat([rank_batch(r) for r in (0, 1)])).detach().mean(dim=(0, 2, 3))
     assert (world - pair).abs().max() > 1e-3
+
+
+def test_a_base_process_group_with_a_plan_is_refused() -> None:
+    with pytest.raises(distnorm.ConversionError, match="cannot honour a base group"):
+        distnorm.convert_model(small_resnet(), per_worker_batch_size=2, process_group=comm.LOCAL)

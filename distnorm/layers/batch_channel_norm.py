@@ -42,6 +42,11 @@ What it guarantees:
   they are, without a host synchronization. Sums about the old estimate rather than of
   X itself are the "shifted data" formula (Chan, Golub & LeVeque 1983): mu_c - mu_hat_c
   comes out directly and no large mean cancels in fp32.
+* A batch whose sums are not finite (a NaN or Inf on any rank) leaves the estimates as
+  they are and is not counted, on every rank alike, with or without peers; it is
+  reported as ``nonfinite`` says (SyncBatchNorm's: warn once per process, raise, or skip
+  silently; reporting reads one flag on the host). The collective carries SyncBatchNorm's
+  mismatch check (``check_sync``).
 * No backward collective in micro-batch mode: the estimates carry no gradient and the
   channel part normalizes each sample by itself, so a rank's output depends only on its
   own samples and the parameters; the input gradient is local and the parameter
@@ -56,13 +61,13 @@ What it guarantees:
   the same kernels on the same values.
 
 What it costs: in micro-batch training, one all-reduce of ``2C + 1`` values per step (none
-for a group of one rank or in eval mode) and, besides torch's BatchNorm (inference kernel)
-and GroupNorm kernels, the update's passes over the data: ``X - mu_hat``, its sum, its
-squares' sum. The backward pass is those kernels', with no collective. Large-batch mode
-costs SyncBatchNorm's collectives plus the GroupNorm. Measured on a shared 2-core CPU,
-forward+backward of (32, 64, 28, 28) fp32 NCHW, one process: 1.14x (micro-batch) and
-1.19x (large-batch) ``Sequential(nn.BatchNorm2d, nn.GroupNorm)``. Half-precision inputs
-add an fp32 copy of the activation.
+for a group of one rank or in eval mode; 9 more with the mismatch check) and, besides
+torch's BatchNorm (inference kernel) and GroupNorm kernels, the update's passes over the
+data: ``X - mu_hat``, its sum, its squares' sum. The backward pass is those kernels', with
+no collective. Large-batch mode costs SyncBatchNorm's collectives plus the GroupNorm.
+Measured on a shared 2-core CPU, forward+backward of (32, 64, 28, 28) fp32 NCHW, one
+process: 1.14x (micro-batch) and 1.19x (large-batch) ``Sequential(nn.BatchNorm2d,
+nn.GroupNorm)``. Half-precision inputs add an fp32 copy of the activation.
 """
 
 from __future__ import annotations
@@ -108,10 +113,14 @@ class BatchChannelNorm(SyncBatchNorm):
         process_group: comm.Group = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        check_sync: bool | None = None,
+        nonfinite: str = "warn",
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats=True,
-            process_group=process_group, device=device, dtype=dtype,
+            process_group=process_group, device=device, dtype=dtype, check_sync=check_sync,
+            nonfinite=nonfinite,
         )  # fmt: skip
         try:
             groups = choose_num_groups(num_features, num_groups)
@@ -194,8 +203,6 @@ class BatchChannelNorm(SyncBatchNorm):
         treats the statistics as the constants they are here."""
         values = input.to(dtype)
         if self.training:
-            assert self.num_batches_tracked is not None
-            self.num_batches_tracked.add_(1)
             self._update_estimates(values.detach())
         # Copies: autograd keeps the statistics for backward, and the next training call
         # updates the buffers in place (before this call's backward, under gradient
@@ -209,8 +216,11 @@ class BatchChannelNorm(SyncBatchNorm):
     @torch.no_grad()
     def _update_estimates(self, values: Tensor) -> None:
         """``mu_hat += r (mu - mu_hat)``, ``sigma_hat^2 += r (s^2 - sigma_hat^2)`` with the
-        statistics of the whole group's batch, from one all-reduce of 2C + 1 values."""
+        statistics of the whole group's batch, from one all-reduce of 2C + 1 values, and the
+        batch counted. A batch whose sums are not finite (a NaN or Inf on any rank, hence
+        on every rank alike) changes nothing and is reported as ``nonfinite`` says."""
         assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
         channels = values.size(1)
         dims = [0] + list(range(2, values.dim()))
         shape = [1, channels] + [1] * (values.dim() - 2)
@@ -221,9 +231,15 @@ class BatchChannelNorm(SyncBatchNorm):
         local_sum = centred.sum(dim=dims)
         local_sum_sq = centred.square_().sum(dim=dims)
         local_count = values.new_full((1,), values.numel() // channels)
-        packed = torch.cat([local_sum, local_sum_sq, local_count])
+        parts = [local_sum, local_sum_sq, local_count]
         if comm.group_size(self.process_group) > 1:
-            comm.all_reduce_sum_(packed, self.process_group)
+            tag = self._sync_tag(values)
+            packed = comm.all_reduce_sum(parts, self.process_group, tag, "forward")
+        else:
+            packed = torch.cat(parts)
+        finite = torch.isfinite(packed).all()
+        self._report_nonfinite(finite)
+        self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
         total_sum, total_sum_sq, count = packed[:channels], packed[channels:-1], packed[-1]
 
         # r, or 0 when the group's batch is empty: the estimates then stay, bit for bit,
@@ -232,8 +248,8 @@ class BatchChannelNorm(SyncBatchNorm):
         denominator = count.clamp(min=1)
         mean_step = total_sum / denominator  # mu - mu_hat
         var_step = total_sum_sq / denominator - old_var  # s^2 - sigma_hat^2
-        self.running_mean.copy_(old_mean + rate * mean_step)
-        self.running_var.copy_(old_var + rate * var_step)
+        self.running_mean.copy_(torch.where(finite, old_mean + rate * mean_step, old_mean))
+        self.running_var.copy_(torch.where(finite, old_var + rate * var_step, old_var))
 
     def _channel_norm(self, input: Tensor) -> Tensor:
         """GroupNorm of each sample over ``num_groups`` groups, with the per-group affine

@@ -31,7 +31,9 @@ of the concatenated batch of every rank in ``process_group``, exactly, for uneve
 per-rank batches; a shifted-data variance that stays accurate when ``|mean| >> std``; fp32
 statistics and communication for fp16/bf16 inputs (fp64 for fp64); running statistics
 updated as ``nn.BatchNorm`` updates them (momentum, unbiased over the global count,
-cumulative when ``momentum=None``). The per-channel affine is applied after the
+cumulative when ``momentum=None``); mismatched calls across ranks caught
+(``check_sync``) and non-finite batches kept out of the running statistics
+(``nonfinite``), as SyncBatchNorm does. The per-channel affine is applied after the
 synchronized part, by autograd: each rank's weight and bias gradients are its own share,
 which DDP sums like any parameter's. The output has the input's dtype and memory format;
 for fp16/bf16 inputs the normalized values are rounded to that dtype once before the
@@ -48,7 +50,8 @@ variance the mean of their variances plus the (population) variance of their mea
 
 What it costs: one all-reduce each way, of ``2G + 1`` values forward and ``2G`` backward
 (plus ``G + 1`` once, on a layer's first training call, to agree on the shift), whatever
-the world size: less than SyncBatchNorm's ``2C + 1`` and ``2C`` for the same layer. On top
+the world size: less than SyncBatchNorm's ``2C + 1`` and ``2C`` for the same layer. The
+mismatch check (on by default) pads each to ``2G + 1`` values and adds its 9-value tag. On top
 of SyncBatchNorm's passes, one fused multiply-add for the affine (backward: one multiply and
 two reductions), and the normalized activation is kept for the weight's gradient (one
 activation more than SyncBatchNorm). A contiguous input is viewed, not copied; a
@@ -95,10 +98,12 @@ class BatchGroupNorm(SyncBatchNorm):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        check_sync: bool | None = None,
+        nonfinite: str = "warn",
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, process_group,
-            device, dtype, bias=bias,
+            device, dtype, bias=bias, check_sync=check_sync, nonfinite=nonfinite,
         )  # fmt: skip
         self._init_group_state(num_groups)
 

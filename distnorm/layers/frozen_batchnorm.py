@@ -78,6 +78,11 @@ class FrozenBatchNorm(_BatchNorm):
                 f"{layer_label(self)} expects an input of shape (N, {self.num_features}, *), "
                 f"got shape {tuple(input.shape)}; check the preceding layer"
             )
+        if not input.is_floating_point():
+            raise InputError(
+                f"{layer_label(self)} normalizes floating-point inputs, got {input.dtype}; "
+                "convert the input with .float() first"
+            )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
