@@ -13,7 +13,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 # The package with its dev extras and the launchers the tests run for real: Accelerate,
 # DeepSpeed, and mpi4py with the MPICH wheel (which brings mpiexec and the MPI library).
-if ! "$PYTHON" -c "import distnorm, pytest, sklearn, tqdm, accelerate, deepspeed, mpi4py" \
+if ! "$PYTHON" -c "import distnorm, pytest, sklearn, tqdm, matplotlib, accelerate, deepspeed, mpi4py" \
   2>/dev/null; then
   echo "[setup] installing distnorm (editable) with its dev and launchers extras"
   "$PYTHON" -m pip install --quiet -e "$repo[dev,launchers]"

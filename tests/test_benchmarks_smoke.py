@@ -1,0 +1,122 @@
+"""Smoke test of the benchmarks: each script's ``--tiny`` configuration runs (real spawned
+gloo processes where the script spawns them) and writes JSON, markdown and PNG files that
+parse. Nothing here times anything or asserts a speed; the counts of collectives are
+checked because they are facts, not timings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import accuracy, common, communication, layer_overhead, scaling
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_outputs(paths: dict[str, Path], name: str) -> dict:
+    """The three files exist and parse; returns the JSON payload."""
+    assert set(paths) == {"json", "md", "png"}
+    payload = json.loads(paths["json"].read_text())
+    assert payload["benchmark"] == name
+    assert payload["machine"]["torch"] and payload["machine"]["distnorm"]
+    assert payload["command"].startswith(f"python -m benchmarks.{name}")
+    assert payload["records"]
+    markdown = paths["md"].read_text()
+    assert markdown.startswith("### ") and "\n|:---|" in markdown
+    assert f"]({name}.png)" in markdown
+    assert paths["png"].read_bytes()[:8] == PNG_MAGIC
+    return payload
+
+
+@pytest.mark.parametrize("module", [layer_overhead, scaling, communication, accuracy])
+def test_help(module, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert "--tiny" in capsys.readouterr().out
+
+
+def test_layer_overhead(tmp_path):
+    result = layer_overhead.main(["--tiny", "--out", str(tmp_path)])
+    payload = check_outputs(result["paths"], "layer_overhead")
+    measured = [r for r in payload["records"] if "ratio" in r]
+    assert {(r["case"], r["dtype"]) for r in measured} == {
+        (case, dtype) for case in layer_overhead.CASES for dtype in ("fp32", "bf16")
+    }
+    for r in measured:
+        assert r["ratio"] == pytest.approx(r["distnorm_ms"] / r["baseline_ms"])
+
+
+def test_scaling(tmp_path):
+    result = scaling.main(["--tiny", "--out", str(tmp_path)])
+    payload = check_outputs(result["paths"], "scaling")
+    cpu_norms = [n for n in scaling.NORMS if n not in ("torch_sync_bn", "sync_bn_group2")]
+    assert {(r["norm"], r["world_size"]) for r in payload["records"]} == {
+        (n, w) for n in cpu_norms for w in (1, 2)
+    }
+    for r in payload["records"]:
+        assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 3
+        if r["world_size"] == 1:
+            assert r["efficiency"] == 1.0
+
+
+def test_communication_counts_one_all_reduce_per_layer_each_way(tmp_path):
+    result = communication.main(["--tiny", "--out", str(tmp_path)])
+    payload = check_outputs(result["paths"], "communication")
+    sync = next(r for r in payload["records"] if r["norm"] == "sync_bn")
+    assert sync["layers"] == 6  # small_resnet's BatchNorms
+    for phase in ("forward", "backward"):
+        assert sync["steady"][phase]["collectives"] == 6
+        assert sync["steady"][phase]["kinds"] == ["all_reduce"]
+    # the first step agrees on each layer's variance shift first: one more each
+    assert sync["first"]["forward"]["collectives"] == 12
+    bcn = next(r for r in payload["records"] if r["norm"] == "bcn")
+    assert bcn["steady"]["backward"]["collectives"] == 0
+    assert payload["summary"]["targets"]["one_all_reduce_per_layer_each_way"]
+    assert len(communication.RESNET50_BN_CHANNELS) == 53
+    projection = payload["summary"]["projection"]
+    assert [r["world_size"] for r in projection] == communication.PROJECTED_WORLD_SIZES
+    distnorm_bytes = {r["distnorm_bytes"] for r in projection}
+    assert len(distnorm_bytes) == 1  # independent of the world size, unlike torch's scheme
+    assert projection[-1]["torch_scheme_bytes"] > 100 * projection[0]["distnorm_bytes"]
+
+
+def test_accuracy(tmp_path, monkeypatch):
+    result = accuracy.main(["--tiny", "--out", str(tmp_path)])
+    payload = check_outputs(result["paths"], "accuracy")
+    records = payload["records"]
+    assert {(r["norm"], r["per_worker_batch"]) for r in records} == {
+        (n, b) for n in accuracy.NORMS for b in (2, 4)
+    }
+    assert all(0.0 <= r["accuracy"] <= 100.0 for r in records)
+    # at 2 processes, 2 or 4 images each reach no 32-sample group: the policy picks GN+WS,
+    # which is the forced GN+WS run itself
+    for r in records:
+        if r["norm"] == "policy":
+            assert r["policy_choice"] == "gn_ws"
+            twin = next(
+                t
+                for t in records
+                if t["norm"] == "gn_ws" and t["per_worker_batch"] == r["per_worker_batch"]
+            )
+            assert r["accuracy"] == twin["accuracy"]
+    # a second run finds every result in the cache and trains nothing
+    monkeypatch.setattr(common, "spawn", lambda *a, **k: pytest.fail("trained again"))
+    again = accuracy.main(["--tiny", "--out", str(tmp_path)])
+    assert [r["accuracy"] for r in again["records"]] == [r["accuracy"] for r in records]
+
+
+def test_markdown_table():
+    table = common.markdown_table(["a", "b"], [[1, "x"], [2, "y"]])
+    assert table.splitlines() == ["| a | b |", "|:---|---:|", "| 1 | x |", "| 2 | y |"]
+
+
+def test_cache_round_trip_and_fresh(tmp_path):
+    cache = common.Cache(tmp_path, "demo")
+    cache.put({"b": 2, "a": 1}, {"value": 3})
+    assert {"a": 1, "b": 2} in common.Cache(tmp_path, "demo")
+    assert common.Cache(tmp_path, "demo").get({"a": 1, "b": 2}) == {"value": 3}
+    assert {"a": 1, "b": 2} not in common.Cache(tmp_path, "demo", fresh=True)
