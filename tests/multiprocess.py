@@ -9,11 +9,13 @@ deadline instead of freezing the run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,3 +72,65 @@ def _worker(
         torch.save(result, os.path.join(folder, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# Every public collective (and barrier): anything a layer might use shows up in the log.
+COLLECTIVES = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "gather",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "scatter",
+)
+
+
+@dataclass(frozen=True)
+class CollectiveCall:
+    """One call of a ``torch.distributed`` collective: its name, and the number of values,
+    bytes and dtype of the tensors passed to it."""
+
+    name: str
+    numel: int
+    nbytes: int
+    dtype: torch.dtype | None
+
+
+@contextlib.contextmanager
+def recorded_collectives() -> Iterator[list[CollectiveCall]]:
+    """Inside a worker: a list that fills with a :class:`CollectiveCall` for each collective
+    called in the block. Every call still goes through to the real backend; the functions
+    of ``torch.distributed`` are wrapped, not replaced, and restored on exit."""
+    log: list[CollectiveCall] = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def recording(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            log.append(
+                CollectiveCall(
+                    name,
+                    sum(t.numel() for t in tensors),
+                    sum(t.numel() * t.element_size() for t in tensors),
+                    tensors[0].dtype if tensors else None,
+                )
+            )
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, recording(name))
+    try:
+        yield log
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)

@@ -12,9 +12,7 @@ Each world size is spawned once (a module-scoped fixture) and runs every case.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -22,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from distnorm import comm
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import recorded_collectives, run_on_ranks
 from tests.test_batch_channel_norm import (
     CHANNELS,
     MODES,
@@ -108,33 +106,6 @@ def run_case_on_rank(case: Case, rank: int, group: object = None) -> list[dict]:
 
 # --- counting collectives ------------------------------------------------------------------
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "barrier")
-
-
-@contextlib.contextmanager
-def recorded_collectives() -> Iterator[list[tuple[str, int, torch.dtype | None]]]:
-    """A list that fills with ``(collective, number of values, dtype)`` for each call
-    made; every call still goes through to gloo."""
-    log: list[tuple[str, int, torch.dtype | None]] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def recording(name: str):
-        def call(*args, **kwargs):
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            dtype = tensors[0].dtype if tensors else None
-            log.append((name, sum(t.numel() for t in tensors), dtype))
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in COLLECTIVES:
-        setattr(dist, name, recording(name))
-    try:
-        yield log
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-
 
 def communication_on_rank(rank: int) -> dict[str, list]:
     """What one micro-batch fp32 layer sends: each training forward and backward (an fp32
@@ -151,7 +122,7 @@ def communication_on_rank(rank: int) -> dict[str, list]:
     layer.eval()
     with recorded_collectives() as logs["eval"]:
         layer(step_data("communication", 2, 2, (4, 3))[0].float())
-    return logs
+    return {key: [(call.name, call.numel, call.dtype) for call in log] for key, log in logs.items()}
 
 
 # Sync groups {0, 1} and {2} of a world of 3: each group's statistics, not the world's.

@@ -10,18 +10,15 @@ Each world size is spawned once (a module-scoped fixture) and runs every case.
 
 from __future__ import annotations
 
-import contextlib
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from distnorm import comm
 from distnorm.layers.batch_group_norm import BatchGroupNorm
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import recorded_collectives, run_on_ranks
 
 CHANNELS = 6
 STEPS = 3
@@ -97,31 +94,6 @@ def initial_affine() -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- worker side ------------------------------------------------------------------------------
 
-RECORDED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter")
-
-
-@contextlib.contextmanager
-def recorded_collectives() -> Iterator[list[tuple[str, int]]]:
-    """Yield a list that fills with ``(collective, numel)`` for each call; every call still
-    goes through to gloo."""
-    log: list[tuple[str, int]] = []
-    originals = {name: getattr(dist, name) for name in RECORDED}
-
-    def recording(name: str):
-        def call(*args, **kwargs):
-            log.append((name, sum(a.numel() for a in args if isinstance(a, torch.Tensor))))
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in RECORDED:
-        setattr(dist, name, recording(name))
-    try:
-        yield log
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-
 
 def run_case_on_rank(case: Case, rank: int) -> dict:
     dtype = DTYPES[case.dtype]
@@ -156,15 +128,20 @@ def run_case_on_rank(case: Case, rank: int) -> dict:
                 "running_mean": layer.running_mean.clone(),
                 "running_var": layer.running_var.clone(),
                 "num_batches_tracked": int(layer.num_batches_tracked),
-                "forward_collectives": forward_log,
-                "backward_collectives": backward_log,
+                "forward_collectives": [(c.name, c.numel) for c in forward_log],
+                "backward_collectives": [(c.name, c.numel) for c in backward_log],
             }
         )
     layer.eval()
     x_eval = step_data(case, STEPS)[0][rows].to(dtype).contiguous(memory_format=memory_format)
     with recorded_collectives() as eval_log:
         eval_output = layer(x_eval)
-    return {"steps": steps, "eval_output": eval_output.double(), "eval_collectives": eval_log}
+    eval_collectives = [(c.name, c.numel) for c in eval_log]
+    return {
+        "steps": steps,
+        "eval_output": eval_output.double(),
+        "eval_collectives": eval_collectives,
+    }
 
 
 def all_cases_worker(rank: int, world_size: int, cases: list[Case]) -> dict[str, dict]:

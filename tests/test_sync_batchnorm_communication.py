@@ -10,59 +10,15 @@ duration of a step; every call still goes through to gloo.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import distnorm
 from distnorm import comm
-from tests.multiprocess import run_on_ranks
+from tests.multiprocess import recorded_collectives, run_on_ranks
 
-# Every public collective (and barrier): anything a layer might use shows up in the log.
-COLLECTIVES = (
-    "all_reduce",
-    "all_reduce_coalesced",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_object",
-    "all_to_all",
-    "all_to_all_single",
-    "barrier",
-    "broadcast",
-    "gather",
-    "reduce",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "scatter",
-)
 CHANNELS = (8, 16, 10)
-
-
-@contextlib.contextmanager
-def recorded_collectives() -> Iterator[list[tuple[str, int]]]:
-    """Yield a list that fills with ``(collective, tensor bytes)`` for each call made."""
-    log: list[tuple[str, int]] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def recording(name: str):
-        def call(*args, **kwargs):
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            log.append((name, sum(t.numel() * t.element_size() for t in tensors)))
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in COLLECTIVES:
-        setattr(dist, name, recording(name))
-    try:
-        yield log
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 def small_cnn() -> nn.Module:
@@ -91,7 +47,7 @@ def one_step(rank: int, check_sync: bool) -> dict[str, list[tuple[str, int]]]:
     model.eval()
     with recorded_collectives() as logs["eval_forward"]:
         model(torch.randn(2, 3, 6, 6))
-    return logs
+    return {key: [(call.name, call.nbytes) for call in log] for key, log in logs.items()}
 
 
 @pytest.fixture(scope="module")
