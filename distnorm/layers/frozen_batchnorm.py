@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm.errors import InputError, layer_label
+from distnorm.layers.inputs import check_channels_input
 
 
 class FrozenBatchNorm(_BatchNorm):
@@ -73,16 +74,7 @@ class FrozenBatchNorm(_BatchNorm):
                 parameter.requires_grad_(False)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2 or input.size(1) != self.num_features:
-            raise InputError(
-                f"{layer_label(self)} expects an input of shape (N, {self.num_features}, *), "
-                f"got shape {tuple(input.shape)}; check the preceding layer"
-            )
-        if not input.is_floating_point():
-            raise InputError(
-                f"{layer_label(self)} normalizes floating-point inputs, got {input.dtype}; "
-                "convert the input with .float() first"
-            )
+        check_channels_input(self, input, self.num_features)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)

@@ -90,6 +90,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm import comm
 from distnorm.errors import InputError, layer_label
+from distnorm.layers.inputs import check_channels_input
 
 # What a training batch with non-finite statistics does, besides leaving the running
 # statistics alone: see SyncBatchNorm's ``nonfinite``.
@@ -282,21 +283,7 @@ class SyncBatchNorm(_BatchNorm):
         self._sync_calls = 0
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise InputError(
-                f"{layer_label(self)} expects an input of shape (N, C, *), got {input.dim()}-D "
-                f"input of shape {tuple(input.shape)}"
-            )
-        if input.size(1) != self.num_features:
-            raise InputError(
-                f"{layer_label(self)} has {self.num_features} channels but its input has "
-                f"{input.size(1)} (shape {tuple(input.shape)}); check the preceding layer"
-            )
-        if not input.is_floating_point():
-            raise InputError(
-                f"{layer_label(self)} normalizes floating-point inputs, got {input.dtype}; "
-                "convert the input with .float() first"
-            )
+        check_channels_input(self, input, self.num_features)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
