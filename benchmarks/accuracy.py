@@ -391,7 +391,7 @@ def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any]) ->
     return text
 
 
-def figure(stats: dict[tuple[str, int], dict[str, Any]]) -> Any:
+def figure(stats: dict[tuple[str, int], dict[str, Any]], world_size: int) -> Any:
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     norms = [n for n in NORMS if any(k[0] == n for k in stats)]
@@ -420,7 +420,7 @@ def figure(stats: dict[tuple[str, int], dict[str, Any]]) -> Any:
     ax.invert_xaxis()
     ax.set_xlabel("images per worker")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy versus per-worker batch (digits-M, 4 processes)")
+    ax.set_title(f"Accuracy versus per-worker batch (digits-M, {world_size} processes)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -477,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "targets": goals,
         },
         tables=tables(records, stats, goals),
-        figure=figure(stats),
+        figure=figure(stats, args.world_size),
     )
     return {"records": records, "stats": stats, "targets": goals, "paths": paths}
 
