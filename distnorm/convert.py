@@ -44,12 +44,12 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parallel import DistributedDataParallel
 
 from distnorm import comm
-from distnorm.errors import ConversionError, InputError, layer_label
+from distnorm.errors import ConversionError, layer_label
 from distnorm.graph import conv_norm_links
 from distnorm.layers.batch_channel_norm import BatchChannelNorm
 from distnorm.layers.batch_group_norm import BatchGroupNorm
 from distnorm.layers.frozen_batchnorm import FrozenBatchNorm
-from distnorm.layers.group_norm import choose_num_groups
+from distnorm.layers.group_norm import check_num_groups, choose_num_groups
 from distnorm.layers.std_conv import WSConv1d, WSConv2d, WSConv3d
 from distnorm.layers.sync_batchnorm import SyncBatchNorm
 from distnorm.logs import get_logger
@@ -349,16 +349,9 @@ def _converted(
 def _num_groups(name: str, module: _BatchNorm, forced: int | None) -> int:
     """G for a layer of ``module.num_features`` channels: ``forced`` when it divides them,
     else GroupNorm's default reduced to a divisor (``choose_num_groups``)."""
-    channels = module.num_features
     if forced is None:
-        return choose_num_groups(channels, layer=_where(name, module))
-    if forced < 1 or channels % forced:
-        raise InputError(
-            f"{_where(name, module)} has {channels} channels, which num_groups={forced} does "
-            "not divide; choose a G that divides every converted layer's channel count, or "
-            "leave num_groups unset to choose one per layer"
-        )
-    return forced
+        return choose_num_groups(module.num_features, layer=_where(name, module))
+    return check_num_groups(module.num_features, forced, layer=_where(name, module))
 
 
 def _group_norm(name: str, module: _BatchNorm, num_groups: int | None) -> nn.GroupNorm:

@@ -81,7 +81,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm import comm
 from distnorm.errors import InputError, layer_label
-from distnorm.layers.group_norm import DEFAULT_NUM_GROUPS, choose_num_groups
+from distnorm.layers.group_norm import DEFAULT_NUM_GROUPS, check_num_groups, choose_num_groups
 from distnorm.layers.sync_batchnorm import SyncBatchNorm, _stats_dtype
 
 # The paper's r. Not stated in the official code (a buffer set to 0 there, changed by
@@ -144,11 +144,7 @@ class BatchChannelNorm(SyncBatchNorm):
         statistics thereby become the initial estimates. ``num_groups`` is used as given
         and must divide the channels. A BatchNorm without running statistics gets fresh
         estimates (mean 0, variance 1), since BCN cannot work without them."""
-        if num_groups < 1 or self.num_features % num_groups:
-            raise InputError(
-                f"{layer_label(self)} has {self.num_features} channels, which "
-                f"num_groups={num_groups} does not divide; choose a G that divides them"
-            )
+        check_num_groups(self.num_features, num_groups, layer=layer_label(self))
         if not 0.0 <= estimate_rate <= 1.0:
             raise InputError(
                 f"{layer_label(self)}: estimate_rate={estimate_rate} is a moving rate and "

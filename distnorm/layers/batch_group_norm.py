@@ -72,7 +72,7 @@ from torch import Tensor
 
 from distnorm import comm
 from distnorm.errors import InputError, layer_label
-from distnorm.layers.group_norm import choose_num_groups
+from distnorm.layers.group_norm import check_num_groups, choose_num_groups
 from distnorm.layers.sync_batchnorm import SyncBatchNorm
 
 
@@ -131,23 +131,18 @@ class BatchGroupNorm(SyncBatchNorm):
 
     def _checked_num_groups(self, num_groups: int | None) -> int:
         channels = self.num_features
-        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
         if num_groups is None:
             try:
                 return choose_num_groups(channels, layer=layer_label(self))
             except InputError:
+                divisors = [d for d in range(1, channels + 1) if channels % d == 0]
                 raise InputError(
                     f"{layer_label(self)} has {channels} channels, which have no default "
                     "grouping (up to 32 groups of at least 2 channels each); pass num_groups "
                     f"explicitly, one of {divisors} ({channels} is plain BatchNorm, 1 pools "
                     "all channels)"
                 ) from None
-        if num_groups not in divisors:
-            raise InputError(
-                f"{layer_label(self)} has {channels} channels, which cannot be split into "
-                f"{num_groups} groups of whole channels; num_groups must be one of {divisors}"
-            )
-        return num_groups
+        return check_num_groups(channels, num_groups, layer=layer_label(self))
 
     def channel_running_stats(self) -> tuple[Tensor, Tensor] | None:
         """Per-channel running mean and variance: each group's, repeated for its channels

@@ -50,3 +50,15 @@ def choose_num_groups(
         "explicit num_groups (1 for LayerNorm-like, C for InstanceNorm-like statistics), "
         "override its normalization, or keep BatchNorm for it"
     )
+
+
+def check_num_groups(num_channels: int, num_groups: int, *, layer: str = "layer") -> int:
+    """``num_groups`` when it splits ``num_channels`` into groups of whole channels; else
+    :class:`InputError` naming ``layer`` and listing the numbers that would."""
+    if num_groups < 1 or num_channels % num_groups:
+        divisors = [d for d in range(1, num_channels + 1) if num_channels % d == 0]
+        raise InputError(
+            f"{layer} has {num_channels} channels, which num_groups={num_groups} does not "
+            f"divide into groups of whole channels; num_groups must be one of {divisors}"
+        )
+    return num_groups
