@@ -54,24 +54,31 @@ What it guarantees:
 * Large-batch mode inherits SyncBatchNorm's guarantees for the batch part.
 * Statistics in fp32 for half-precision inputs (fp64 for fp64 inputs), including the
   communication and the whole micro-batch path; output in the input's dtype and memory
-  format (``channels_last`` is preserved). In large-batch mode the batch part's output
-  is the input's dtype, as SyncBatchNorm returns it, before the channel part.
+  format (``channels_last`` is preserved); in micro-batch training a half-precision input's
+  gradient is rounded to its dtype twice (SyncBatchNorm's note). In large-batch mode the
+  batch part's output is the input's dtype, as SyncBatchNorm returns it, before the channel
+  part.
 * Eval mode computes exactly what :meth:`BatchChannelNorm.to_torch` (torch's BatchNorm
   followed by torch's GroupNorm) computes, bit for bit for inputs of the layer's dtype:
   the same kernels on the same values.
 
 What it costs: in micro-batch training, one all-reduce of ``2C + 1`` values per step (none
-for a group of one rank or in eval mode; 9 more with the mismatch check) and, besides
-torch's BatchNorm (inference kernel) and GroupNorm kernels, the update's passes over the
-data: ``X - mu_hat``, its sum, its squares' sum. The backward pass is those kernels', with
-no collective. Large-batch mode costs SyncBatchNorm's collectives plus the GroupNorm.
-Measured on a shared 2-core CPU, forward+backward of (32, 64, 28, 28) fp32 NCHW, one
-process: 1.14x (micro-batch) and 1.19x (large-batch) ``Sequential(nn.BatchNorm2d,
-nn.GroupNorm)``. Half-precision inputs add an fp32 copy of the activation.
+for a group of one rank or in eval mode; 9 more with the mismatch check), and the passes of a
+single BatchNorm, not of a BatchNorm and a GroupNorm: the batch part is a per-channel affine
+with constant statistics, so the channel part's per-sample group statistics follow from each
+(sample, channel) cell's mean and variance, and both parts together are one affine per cell
+(:class:`_EstimatedBatchChannelNormFunction`): forward, one moments pass (which also feeds
+the estimates' update) and one affine pass; backward, one pass for the cells' gradient sums
+and one for the input gradient. Each pass is a torch BatchNorm kernel run on the input
+viewed as ``(1, N*C, *)``; a channels_last input is copied to that order and the output
+back. Eval mode and large-batch mode run torch's BatchNorm and GroupNorm kernels one after
+the other (large-batch: SyncBatchNorm's core and its collectives, then the GroupNorm).
+The layer-overhead benchmark has the measured figures.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -81,12 +88,151 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm import comm
 from distnorm.errors import InputError, layer_label
+from distnorm.layers import kernels
 from distnorm.layers.group_norm import DEFAULT_NUM_GROUPS, check_num_groups, choose_num_groups
-from distnorm.layers.sync_batchnorm import SyncBatchNorm, _stats_dtype
+from distnorm.layers.sync_batchnorm import SyncBatchNorm
 
 # The paper's r. Not stated in the official code (a buffer set to 0 there, changed by
 # training scripts it does not include); BatchNorm's momentum, the role r plays.
 DEFAULT_ESTIMATE_RATE = 0.1
+
+
+class _EstimatedBatchChannelNormFunction(torch.autograd.Function):
+    """Micro-batch BCN in training, both parts in one pass each way.
+
+    Works on the input viewed as ``(1, N*C, L)`` "cells" (one per sample and channel, ``L``
+    values each), whose means ``m`` and variances ``v`` the layer has computed. The batch
+    part is a per-channel affine ``z = s_c x + t_c`` with constant statistics, so each
+    cell's z has mean ``s m + t`` and variance ``s^2 v``, and the channel part's group
+    statistics follow from those of its cells without another pass over the data; the
+    output is then one per-cell affine of x (:func:`kernels.channel_affine`). Backward
+    likewise needs the per-cell sums of ``g`` and ``g (x - m)`` (one pass) and one fused
+    input-gradient pass; everything else is arithmetic on (N, C) tensors.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        cells: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        group_weight: Tensor | None,
+        group_bias: Tensor | None,
+        estimates: tuple[Tensor, Tensor],
+        cell_moments: tuple[Tensor, Tensor],
+        batch: int,
+        groups: int,
+        eps: float,
+    ) -> Tensor:
+        estimate_mean, estimate_var = (estimate.view(groups, -1) for estimate in estimates)
+        shape = (batch, groups, estimate_mean.size(1))  # sample, group, channel in the group
+        cell_mean, cell_var = (moment.view(shape) for moment in cell_moments)
+
+        # Batch part: z = s x + t, s = gamma * rsqrt(sigma_hat^2 + eps), t = beta - mu_hat s.
+        rstd = torch.rsqrt(estimate_var + eps)
+        batch_scale = rstd if weight is None else rstd * weight.to(rstd.dtype).view(groups, -1)
+        batch_shift = (
+            -estimate_mean * batch_scale
+            if bias is None
+            else bias.to(batch_scale.dtype).view(groups, -1) - estimate_mean * batch_scale
+        )
+        # Channel part, GroupNorm of z per sample and group (Wu & He 2018, Eq. 1-3), from the
+        # cells' moments of z: mean s m + t, variance s^2 v.
+        z_mean = batch_scale * cell_mean + batch_shift
+        group_mean = z_mean.mean(dim=2, keepdim=True)
+        z_deviation = z_mean - group_mean
+        group_var = (batch_scale.square() * cell_var + z_deviation.square()).mean(
+            dim=2, keepdim=True
+        )
+        group_rstd = torch.rsqrt(group_var + eps)
+        group_gamma = (
+            torch.ones_like(group_rstd)
+            if group_weight is None
+            else group_weight.to(batch_scale.dtype).view(1, groups, 1)
+        )
+        # y = gamma' * (z - mean_g) * rstd_g + beta'  =  (x - m) * scale + offset, per cell.
+        scale = group_gamma * group_rstd * batch_scale
+        offset = group_gamma * group_rstd * z_deviation
+        if group_bias is not None:
+            offset = offset + group_bias.to(batch_scale.dtype).view(1, groups, 1)
+        output = kernels.channel_affine(
+            cells, cell_mean.reshape(-1), scale.reshape(-1), offset.reshape(-1)
+        )
+
+        ctx.save_for_backward(
+            cells,
+            weight,
+            cell_mean,
+            cell_var,
+            estimate_mean,
+            rstd,
+            batch_scale,
+            group_gamma,
+            group_rstd,
+            z_deviation,
+            scale,
+        )
+        ctx.length = cells.size(2)
+        ctx.param_dtypes = [
+            None if p is None else p.dtype for p in (weight, bias, group_weight, group_bias)
+        ]
+        return output
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_output: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        (cells, weight, cell_mean, cell_var, estimate_mean, rstd, batch_scale, group_gamma,
+         group_rstd, z_deviation, scale) = ctx.saved_tensors  # fmt: skip
+        batch, groups, per_group = cell_mean.shape
+        length = ctx.length
+        # Per cell: sum(g) and sum(g (x - m)); then sum(g zhat), zhat = (z - mean_g) * rstd_g.
+        sums = kernels.centred_grad_sums(grad_output, cells, cell_mean.reshape(-1))
+        sum_grad, sum_grad_centred = (part.view(batch, groups, per_group) for part in sums)
+        sum_grad_zhat = group_rstd * (batch_scale * sum_grad_centred + z_deviation * sum_grad)
+
+        # GroupNorm's backward, dz = rstd_g (dzhat - mean_g(dzhat) - zhat mean_g(dzhat zhat)),
+        # dzhat = gamma' g, means over a sample's group (per_group * length values).
+        values = per_group * length
+        mean_dzhat = group_gamma * sum_grad.sum(dim=2, keepdim=True) / max(values, 1)
+        mean_dzhat_zhat = group_gamma * sum_grad_zhat.sum(dim=2, keepdim=True) / max(values, 1)
+        # dx = s dz = g * scale + (x - m) * slope + constant, per cell.
+        slope = -batch_scale.square() * group_rstd.square() * mean_dzhat_zhat
+        constant = (
+            -batch_scale * group_rstd * (mean_dzhat + mean_dzhat_zhat * group_rstd * z_deviation)
+        )
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = kernels.scaled_grad_plus_affine(
+                grad_output, scale.reshape(-1), cells, cell_mean.reshape(-1),
+                slope.reshape(-1), constant.reshape(-1),
+            )  # fmt: skip
+
+        grad_weight = grad_bias = None
+        if weight is not None:
+            # Per cell sum(dz) and sum(dz (x - m)), with sum(zhat) = rstd_g (z_mean - mean_g) L
+            # and sum(zhat (x - m)) = rstd_g s v L; then the batch part's affine gradients,
+            # dz/dbeta = 1 and dz/dgamma = rstd (x - mu_hat).
+            sum_dz = group_rstd * (
+                group_gamma * sum_grad
+                - length * (mean_dzhat + mean_dzhat_zhat * group_rstd * z_deviation)
+            )
+            sum_dz_centred = group_rstd * (
+                group_gamma * sum_grad_centred
+                - length * mean_dzhat_zhat * group_rstd * batch_scale * cell_var
+            )
+            grad_bias = sum_dz.sum(dim=0).reshape(-1)
+            grad_weight = (
+                rstd * (sum_dz_centred + (cell_mean - estimate_mean) * sum_dz).sum(dim=0)
+            ).reshape(-1)
+        grad_group_weight, grad_group_bias = sum_grad_zhat.sum(dim=(0, 2)), sum_grad.sum(dim=(0, 2))
+        # Each rank's share, as for any parameter; None where the layer has no such parameter.
+        grads = [grad_weight, grad_bias, grad_group_weight, grad_group_bias]
+        grads = [
+            None if dtype is None else grad.to(dtype)
+            for grad, dtype in zip(grads, ctx.param_dtypes, strict=True)
+        ]
+        return (grad_input, *grads, None, None, None, None, None)
 
 
 class BatchChannelNorm(SyncBatchNorm):
@@ -186,23 +332,54 @@ class BatchChannelNorm(SyncBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        dtype = _stats_dtype(input.dtype)
+        if self.training and self.estimated:
+            return self._estimated_training_forward(input)
+        dtype = kernels.stats_dtype(input.dtype)
         if self.estimated:
             normalized = self._estimated_batch_norm(input, dtype)
         else:
             normalized = self._batch_norm(input, self.weight, self.bias).to(dtype)
         return self._channel_norm(normalized).to(input.dtype)
 
+    def _estimated_training_forward(self, input: Tensor) -> Tensor:
+        """Micro-batch training: the estimates updated from the whole group's batch, then
+        both parts in one pass (:class:`_EstimatedBatchChannelNormFunction`). The input is
+        viewed as one "cell" per sample and channel, copied to channel-major order first
+        when it is not (channels_last), and the output returned in the input's layout."""
+        batch, channels = input.shape[:2]
+        cells = input.contiguous().view(1, batch * channels, math.prod(input.shape[2:]))
+        cell_mean, cell_var = kernels.channel_moments(cells.detach())
+        self._update_estimates(
+            cell_mean.view(batch, channels), cell_var.view(batch, channels), cells.size(2)
+        )
+        # Copies: the next training call updates the estimates in place, possibly before
+        # this call's backward (gradient accumulation).
+        estimates = (
+            self.running_mean.to(cell_mean.dtype, copy=True),
+            self.running_var.to(cell_mean.dtype, copy=True),
+        )
+        output = _EstimatedBatchChannelNormFunction.apply(
+            cells,
+            self.weight,
+            self.bias,
+            self.group_weight,
+            self.group_bias,
+            estimates,
+            (cell_mean, cell_var),
+            batch,
+            self.num_groups,
+            self.eps,
+        ).view(input.shape)
+        if input.is_contiguous():
+            return output
+        return torch.empty_like(input).copy_(output)
+
     def _estimated_batch_norm(self, input: Tensor, dtype: torch.dtype) -> Tensor:
-        """The micro-batch batch part, in ``dtype``: update the estimates (training), then
-        normalize with them through torch's inference BatchNorm kernel, whose backward
-        treats the statistics as the constants they are here."""
+        """The micro-batch batch part in eval, in ``dtype``: torch's inference BatchNorm
+        kernel with the estimates, as :meth:`to_torch` computes it."""
         values = input.to(dtype)
-        if self.training:
-            self._update_estimates(values.detach())
-        # Copies: autograd keeps the statistics for backward, and the next training call
-        # updates the buffers in place (before this call's backward, under gradient
-        # accumulation).
+        # Copies: autograd keeps the statistics for backward, and a training call may update
+        # the buffers in place before it runs.
         mean = self.running_mean.to(dtype, copy=True)
         var = self.running_var.to(dtype, copy=True)
         weight = None if self.weight is None else self.weight.to(dtype)
@@ -210,26 +387,27 @@ class BatchChannelNorm(SyncBatchNorm):
         return F.batch_norm(values, mean, var, weight, bias, False, 0.0, self.eps)
 
     @torch.no_grad()
-    def _update_estimates(self, values: Tensor) -> None:
+    def _update_estimates(self, cell_mean: Tensor, cell_var: Tensor, length: int) -> None:
         """``mu_hat += r (mu - mu_hat)``, ``sigma_hat^2 += r (s^2 - sigma_hat^2)`` with the
         statistics of the whole group's batch, from one all-reduce of 2C + 1 values, and the
-        batch counted. A batch whose sums are not finite (a NaN or Inf on any rank, hence
-        on every rank alike) changes nothing and is reported as ``nonfinite`` says."""
+        batch counted. The local sums about the old estimate come from each cell's (sample
+        and channel's) mean and variance: ``sum(x - mu_hat) = L (m - mu_hat)``,
+        ``sum((x - mu_hat)^2) = L (v + (m - mu_hat)^2)``, summed over the samples. A batch
+        whose sums are not finite (a NaN or Inf on any rank, hence on every rank alike)
+        changes nothing and is reported as ``nonfinite`` says."""
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
-        channels = values.size(1)
-        dims = [0] + list(range(2, values.dim()))
-        shape = [1, channels] + [1] * (values.dim() - 2)
-        old_mean = self.running_mean.to(values.dtype)
-        old_var = self.running_var.to(values.dtype)
-
-        centred = values - old_mean.view(shape)  # a temporary: squared in place below
-        local_sum = centred.sum(dim=dims)
-        local_sum_sq = centred.square_().sum(dim=dims)
-        local_count = values.new_full((1,), values.numel() // channels)
-        parts = [local_sum, local_sum_sq, local_count]
+        batch, channels = cell_mean.shape
+        old_mean = self.running_mean.to(cell_mean.dtype)
+        old_var = self.running_var.to(cell_mean.dtype)
+        offset = cell_mean - old_mean
+        parts = [
+            offset.sum(dim=0) * length,
+            (cell_var + offset.square()).sum(dim=0) * length,
+            cell_mean.new_full((1,), batch * length),
+        ]
         if comm.group_size(self.process_group) > 1:
-            tag = self._sync_tag(values)
+            tag = self._sync_tag(cell_mean, channels)
             packed = comm.all_reduce_sum(parts, self.process_group, tag, "forward")
         else:
             packed = torch.cat(parts)
@@ -240,7 +418,7 @@ class BatchChannelNorm(SyncBatchNorm):
 
         # r, or 0 when the group's batch is empty: the estimates then stay, bit for bit,
         # and no rank needs the count on the host.
-        rate = count.gt(0).to(values.dtype) * self.estimate_rate
+        rate = count.gt(0).to(cell_mean.dtype) * self.estimate_rate
         denominator = count.clamp(min=1)
         mean_step = total_sum / denominator  # mu - mu_hat
         var_step = total_sum_sq / denominator - old_var  # s^2 - sigma_hat^2

@@ -25,19 +25,19 @@ abstract): GN's 32 groups, reduced to a divisor of C with at least two channels 
 degenerates to plain BatchNorm (``G = C``). The paper tunes G with the batch size; pass it
 explicitly to follow a particular setting.
 
-What it guarantees: the ``(N, G, S)`` view goes through :class:`SyncBatchNorm`'s core as a
-BatchNorm of G channels, so everything SyncBatchNorm guarantees holds per group. Statistics
-of the concatenated batch of every rank in ``process_group``, exactly, for uneven and empty
-per-rank batches; a shifted-data variance that stays accurate when ``|mean| >> std``; fp32
-statistics and communication for fp16/bf16 inputs (fp64 for fp64); running statistics
-updated as ``nn.BatchNorm`` updates them (momentum, unbiased over the global count,
-cumulative when ``momentum=None``); mismatched calls across ranks caught
+What it guarantees: it is :class:`SyncBatchNorm`'s core with one statistic per group instead
+of per channel (the same autograd Function, whose backward sums the gradient terms over each
+group's channels before its collective), so everything SyncBatchNorm guarantees holds per
+group. Statistics of the concatenated batch of every rank in ``process_group``, exactly, for
+uneven and empty per-rank batches; a shifted-data variance that stays accurate when
+``|mean| >> std``; fp32 statistics and communication for fp16/bf16 inputs (fp64 for fp64);
+running statistics updated as ``nn.BatchNorm`` updates them (momentum, unbiased over the
+global count, cumulative when ``momentum=None``); mismatched calls across ranks caught
 (``check_sync``) and non-finite batches kept out of the running statistics
-(``nonfinite``), as SyncBatchNorm does. The per-channel affine is applied after the
-synchronized part, by autograd: each rank's weight and bias gradients are its own share,
-which DDP sums like any parameter's. The output has the input's dtype and memory format;
-for fp16/bf16 inputs the normalized values are rounded to that dtype once before the
-affine and once after it (torch's fused BatchNorm rounds once).
+(``nonfinite``), as SyncBatchNorm does, with or without peers. Each rank's weight and bias
+gradients are its own share, which DDP sums like any parameter's. The output has the
+input's dtype and memory format, computed in one kernel pass with the group statistics
+spread over the channels and the per-channel affine folded in.
 
 Running statistics are one mean and variance per group, stored under BatchNorm's keys
 (``running_mean``/``running_var`` hold G values, ``weight``/``bias`` C). In eval the layer
@@ -51,19 +51,17 @@ variance the mean of their variances plus the (population) variance of their mea
 What it costs: one all-reduce each way, of ``2G + 1`` values forward and ``2G`` backward
 (plus ``G + 1`` once, on a layer's first training call, to agree on the shift), whatever
 the world size: less than SyncBatchNorm's ``2C + 1`` and ``2C`` for the same layer. The
-mismatch check (on by default) pads each to ``2G + 1`` values and adds its 9-value tag. On top
-of SyncBatchNorm's passes, one fused multiply-add for the affine (backward: one multiply and
-two reductions), and the normalized activation is kept for the weight's gradient (one
-activation more than SyncBatchNorm). A contiguous input is viewed, not copied; a
-channels_last one is copied to channel-major order and back, in both directions. Measured
-on CPU in one process ((32, 64, 28, 28) fp32, G = 32, forward+backward): 1.3-1.5x
-``nn.BatchNorm2d`` on NCHW inputs, about 4x on channels_last ones. In eval it is one pass
-of torch's kernel and no communication; with ``G = C`` it *is* SyncBatchNorm, bit for bit.
+mismatch check (on by default) pads each to ``2G + 1`` values and adds its 9-value tag.
+The passes over the data are SyncBatchNorm's, those of torch's own BatchNorm kernels, in
+any memory format; in one process there is no collective, but the statistics still take
+this path (torch's kernel has no grouped statistics), so the per-call arithmetic on
+C-sized vectors (tens of small tensor operations) is a visible share of the time on small
+inputs; the layer-overhead benchmark has the figures. In eval it is one pass of torch's
+kernel and no communication; with ``G = C`` it *is* SyncBatchNorm, bit for bit.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -163,35 +161,8 @@ class BatchGroupNorm(SyncBatchNorm):
             # Eval: torch's BatchNorm kernel with the expanded statistics, exactly what the
             # exported nn.BatchNorm computes, in one pass and in the input's memory format.
             return F.batch_norm(input, *channel_stats, self.weight, self.bias, False, 0.0, self.eps)
-        if self.num_groups == self.num_features:  # BatchNorm: the affine fits the kernel
-            return self._batch_norm(input, self.weight, self.bias)
-
-        # (N, G, S) view; sizes spelled out, as -1 cannot be inferred for an empty batch.
-        length = math.prod(input.shape[1:]) // self.num_groups
-        grouped = input.reshape(input.size(0), self.num_groups, length)
-        normalized = self._batch_norm(grouped, None, None).reshape(input.shape)
-        output = normalized
-        if self.weight is not None:
-            shape = [1, self.num_features] + [1] * (input.dim() - 2)
-            weight = self.weight.view(shape)
-            output = (
-                normalized * weight
-                if self.bias is None
-                else torch.addcmul(self.bias.view(shape), normalized, weight)
-            )
-        return output.to(dtype=input.dtype, memory_format=_memory_format(input))
+        return self._batch_norm(input, self.weight, self.bias, self.num_groups)
 
     def extra_repr(self) -> str:
         features, rest = super().extra_repr().split(", ", 1)
         return f"{features}, num_groups={self.num_groups}, {rest}"
-
-
-def _memory_format(input: Tensor) -> torch.memory_format:
-    """The memory format of ``input`` that the output should keep."""
-    if input.is_contiguous():
-        return torch.contiguous_format
-    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format

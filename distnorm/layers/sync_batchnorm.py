@@ -22,17 +22,25 @@ What it guarantees:
   sizes, and ranks with an empty batch (which still join both collectives and get a zero
   local gradient for weight and bias, as they contributed nothing).
 * Communication of a fixed size: forward all-reduces ``[sum(x-K), sum((x-K)^2), count]``
-  (``2C + 1`` values), backward ``[sum(g), sum(g * xhat)]`` (``2C``), whatever the world size.
-  ``torch.nn.SyncBatchNorm`` all-gathers ``W * (2C + 1)`` values instead.
-* A numerically stable variance. The sums are taken about a per-channel shift ``K`` that
-  every rank holds bit for bit (the previous step's global mean), the "shifted data"
-  formula of Chan, Golub & LeVeque (1983, "Algorithms for computing the sample variance:
-  analysis and recommendations"). ``E[(x-K)^2] - E[x-K]^2`` loses nothing when ``K`` is
-  near the mean, where ``E[x^2] - E[x]^2`` in fp32 loses everything once ``|mean| >> std``.
+  (``2C + 1`` values), backward ``[sum(dxhat), sum(dxhat * xhat)]`` (``2C``), whatever the
+  world size. ``torch.nn.SyncBatchNorm`` all-gathers ``W * (2C + 1)`` values instead.
+* A numerically stable variance. Each rank's per-channel mean and variance come from torch's
+  own kernel (a two-pass variance about the rank's mean), and the ranks' parts are summed
+  about a per-channel shift ``K`` that every rank holds bit for bit (the previous step's
+  global mean): ``sum(x-K) = n (mean - K)``, ``sum((x-K)^2) = n (var + (mean - K)^2)``, the
+  "shifted data" formula of Chan, Golub & LeVeque (1983, "Algorithms for computing the
+  sample variance: analysis and recommendations"). ``E[(x-K)^2] - E[x-K]^2`` loses nothing
+  when ``K`` is near the mean, where sums of ``x`` and ``x^2`` combined as
+  ``E[x^2] - E[x]^2`` in fp32 lose everything once ``|mean| >> std``. What remains is
+  torch's own precision: the fp32 mean of a channel is rounded to fp32, which costs a
+  relative ``(|mean| / std * 6e-8)^2`` of the variance (measured: under 1e-3 at
+  ``|mean| / std = 1e5``, about 1e-2 at 1e6, as torch's BatchNorm on one process).
   The first training call of a layer has no previous mean, so it makes one extra
   all-reduce of ``C + 1`` values to agree on one; every later call makes exactly one.
 * fp16/bf16 inputs keep fp32 statistics and communication (fp64 inputs keep fp64); the
-  output has the input's dtype and memory format (``channels_last`` is preserved).
+  output has the input's dtype and memory format (``channels_last`` is preserved). Their
+  input gradient is rounded to the input's dtype twice (two kernel passes and an add),
+  where torch's kernel rounds it once.
 * Running statistics updated as ``nn.BatchNorm`` would on the concatenated batch: unbiased
   variance over the global count, cumulative average when ``momentum=None``.
 * Mismatched calls are caught, not mixed (``check_sync``; the default ``None`` checks
@@ -59,18 +67,19 @@ What it guarantees:
   per process, ``"raise"`` raises :class:`~distnorm.errors.InputError` on every rank,
   ``"skip"`` says nothing. Its output is non-finite, as the batch is.
 
-What it costs: the two collectives above, and a few more passes over the data than torch's
-fused kernel (forward: ``x - K``, two sums, one fused multiply-add; backward: ``x - K``
-again rather than keeping an fp32 copy of the input alive, one fused reduction, two fused
-multiply-adds). Measured on CPU, forward+backward including the two all-reduces: 1.7-2.1x
-``nn.BatchNorm2d`` on NCHW inputs, 0.45x on channels_last ones. The mismatch check adds 9
+What it costs: the two collectives above, and the passes torch's own BatchNorm makes, done by
+torch's own kernels (:mod:`distnorm.layers.kernels`): forward, the moments and one affine
+pass; backward, one pass for the two gradient sums and one for the input gradient (plus an
+add for half-precision inputs). Measured on CPU in one process (``small_resnet``, batch 8,
+one thread, the synchronized path with the collectives replaced by nothing): a training
+step 1.10x the same step with ``nn.BatchNorm2d``. The rest of a distributed step's cost is
+the collectives' latency, two per layer, which the scaling benchmark measures against a
+"local BN + the same collectives" floor. The mismatch check adds 9
 values to each collective (10 to the backward's, padded) and, per collective, a tag built
 on the host and a host read of 9 summed values. On 2 gloo ranks of a shared 2-core CPU,
 the time spent in that code was 1.2% of a forward+backward of (8, 64, 56, 56) fp32 and
 1.4% of (32, 256, 14, 14) (both about 25 ms there; medians of 300 repeats, timed where the
-check runs, in the same run as the layer); comparing whole forward+backward times with and
-without the check in that run could not resolve it (3-7% apart, while variants doing equal
-work differed by up to 15%). On CUDA the host read is a device synchronization per
+check runs, in the same run as the layer). On CUDA the host read is a device synchronization per
 collective (not measured here: no GPU); ``check_sync=False`` removes the check. The
 non-finite guard decides on the device; its report (``"warn"``, ``"raise"``) reads one
 flag on the host per call, which ``"skip"`` avoids. In eval mode, or when the group has a
@@ -90,6 +99,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm import comm
 from distnorm.errors import InputError, layer_label
+from distnorm.layers import kernels
 from distnorm.layers.inputs import check_channels_input
 
 # What a training batch with non-finite statistics does, besides leaving the running
@@ -101,29 +111,30 @@ NONFINITE_POLICIES = ("warn", "raise", "skip")
 _nonfinite_warned = False
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 statistics for half-precision and fp32 inputs, fp64 for fp64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+def _per_channel(per_group: Tensor, channels: int) -> Tensor:
+    """A per-group vector repeated for each group's channels (consecutive channels)."""
+    groups = per_group.numel()
+    if groups == channels:
+        return per_group
+    # A copy, never a stride-0 view (G = 1): torch's kernels read these vectors as dense.
+    return per_group.unsqueeze(1).expand(groups, channels // groups).contiguous().view(channels)
 
 
-def _channel_shape(input: Tensor) -> list[int]:
-    """Shape that broadcasts a per-channel vector against ``input`` of shape (N, C, *)."""
-    return [1, input.size(1)] + [1] * (input.dim() - 2)
-
-
-def _reduced_dims(input: Tensor) -> list[int]:
-    """Every dimension but the channel one."""
-    return [0] + list(range(2, input.dim()))
+def _group_sum(per_channel: Tensor, groups: int) -> Tensor:
+    """A per-channel vector summed over each group's channels."""
+    return per_channel.view(groups, -1).sum(dim=1)
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Batch normalization over the concatenated batch of ``group``'s ranks.
+    """Batch normalization over the concatenated batch of ``group``'s ranks, with one
+    statistic per group of ``C / G`` consecutive channels (G = C: BatchNorm; fewer:
+    BatchGroupNorm), G being the size of ``shift``.
 
-    Forward returns ``(output, mean, var, count)``; the last three (biased variance,
-    global element count per channel) are non-differentiable and feed the running
-    statistics. Both directions work on ``x - K`` and fold the per-channel factors into
-    fused multiply-adds, so that besides the collective each makes three or four passes
-    over the data, like torch's own kernels.
+    Forward returns ``(output, mean, var, count)``; the last three (per group: mean, biased
+    variance, global element count) are non-differentiable and feed the running
+    statistics. Besides the collective, each direction makes the passes of torch's own
+    BatchNorm (moments, affine; gradient sums, input gradient), done by torch's kernels
+    (:mod:`distnorm.layers.kernels`).
     """
 
     @staticmethod
@@ -137,82 +148,75 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         group: comm.Group,
         tag: comm.SyncTag | None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        channels = input.size(1)
-        dims, shape = _reduced_dims(input), _channel_shape(input)
-        local_count = input.numel() // channels
+        channels, groups = input.size(1), shift.numel()
+        count_per_channel = input.numel() // channels
 
-        # The one forward collective: [sum(x-K), sum((x-K)^2), count], 2C + 1 values.
-        centred = input.to(shift.dtype) - shift.view(shape)
+        # The one forward collective, [sum(x-K), sum((x-K)^2), count] per group (2G + 1
+        # values), from each channel's mean and variance about its own mean: sum(x-K) =
+        # n (mean - K), sum((x-K)^2) = n (var + (mean - K)^2), exact and free of cancellation.
+        channel_mean, channel_var = kernels.channel_moments(input)
+        offset = channel_mean - _per_channel(shift, channels)
         parts = [
-            centred.sum(dim=dims),
-            centred.square().sum(dim=dims),
-            shift.new_full((1,), local_count),
+            _group_sum(offset, groups) * count_per_channel,
+            _group_sum(channel_var + offset.square(), groups) * count_per_channel,
+            shift.new_full((1,), count_per_channel * (channels // groups)),
         ]
         packed = comm.all_reduce_sum(parts, group, tag, "forward")
-        total_sum, total_sum_sq, count = packed[:channels], packed[channels:-1], packed[-1]
+        total_sum, total_sum_sq, count = packed[:groups], packed[groups:-1], packed[-1]
 
         denominator = count.clamp(min=1)
-        mean_offset = total_sum / denominator  # E[x - K], so mu = K + mean_offset
+        mean_offset = total_sum / denominator  # E[x - K], so mu = K + E[x - K]
         var = (total_sum_sq / denominator - mean_offset.square()).clamp(min=0)
-        invstd = torch.rsqrt(var + eps)
-
-        # y = gamma * (x - mu) * invstd + beta  =  (x - K) * scale + offset,  with
-        # scale = gamma * invstd  and  offset = beta - E[x - K] * scale.
-        scale = invstd if weight is None else invstd * weight.to(shift.dtype)
-        offset = -mean_offset * scale
-        if bias is not None:
-            offset = offset + bias.to(shift.dtype)
-        output = torch.addcmul(offset.view(shape), centred, scale.view(shape))
-
-        ctx.save_for_backward(input, weight, shift, mean_offset, invstd, count)
-        ctx.group, ctx.eps, ctx.tag = group, eps, tag
         mean = shift + mean_offset
+
+        # y = (x - mu) * invstd * gamma + beta
+        invstd = _per_channel(torch.rsqrt(var + eps), channels)
+        centre = _per_channel(mean, channels)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        offset_out = torch.zeros_like(scale) if bias is None else bias.to(scale.dtype)
+        output = kernels.channel_affine(input, centre, scale, offset_out)
+
+        ctx.save_for_backward(input, weight, centre, invstd, count)
+        ctx.group, ctx.tag, ctx.groups = group, tag, groups
         ctx.mark_non_differentiable(mean, var, count)
-        return output.to(input.dtype), mean, var, count
+        return output, mean, var, count
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_output: Tensor, *_unused_stat_grads: Tensor
     ) -> tuple[Tensor | None, ...]:
-        input, weight, shift, mean_offset, invstd, count = ctx.saved_tensors
-        shape = _channel_shape(input)
-        channels = input.size(1)
+        input, weight, centre, invstd, count = ctx.saved_tensors
+        channels, groups = input.size(1), ctx.groups
 
-        # x - K recomputed rather than saved: the input is saved anyway, a copy of it in
-        # fp32 would cost a full activation of memory per layer.
-        centred = input.to(shift.dtype) - shift.view(shape)
-        grad = grad_output.to(shift.dtype)
-        if input.numel() > 0:
-            # sum(g * xhat) and sum(g) in one fused pass, with xhat = (centred - E[x-K]) * invstd.
-            _, local_sum_grad_xhat, local_sum_grad = torch.ops.aten.native_batch_norm_backward(
-                grad, centred, None, None, None, mean_offset, invstd, True, ctx.eps,
-                [False, True, True],
-            )  # fmt: skip
-        else:  # torch's CPU kernel divides by the batch size: an empty batch would crash it
-            local_sum_grad_xhat = local_sum_grad = shift.new_zeros(channels)
-
-        # weight and bias receive this rank's share only; DDP (or the user) sums the
-        # shares across ranks, exactly as for any other parameter.
+        # sum(g) and sum(g * xhat) per channel, xhat = (x - mu) * invstd: the gradients of
+        # beta and gamma, this rank's share (DDP, or the user, sums the shares across
+        # ranks, exactly as for any other parameter).
+        sum_grad, sum_grad_centred = kernels.centred_grad_sums(grad_output, input, centre)
+        sum_grad_xhat = sum_grad_centred * invstd
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_weight = local_sum_grad_xhat.to(weight.dtype) if needs_weight else None
-        grad_bias = local_sum_grad.to(weight.dtype) if needs_bias else None
+        grad_weight = sum_grad_xhat.to(weight.dtype) if needs_weight else None
+        grad_bias = sum_grad.to(weight.dtype) if needs_bias else None
 
         grad_input = None
         if needs_input:
-            # The one backward collective: [sum(g), sum(g * xhat)], 2C values.
-            parts = [local_sum_grad, local_sum_grad_xhat]
+            # The one backward collective, per group [sum(dxhat), sum(dxhat * xhat)] (2G
+            # values), with dxhat = gamma * g the gradient of the normalized values.
+            gamma = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
+            parts = [
+                _group_sum(gamma * sum_grad, groups),
+                _group_sum(gamma * sum_grad_xhat, groups),
+            ]
             packed = comm.all_reduce_sum(parts, ctx.group, ctx.tag, "backward")
             denominator = count.clamp(min=1)
-            mean_grad = packed[:channels] / denominator
-            mean_grad_xhat = packed[channels:] / denominator
-            # dx = scale * (g - mean(g) - xhat * mean(g xhat)), xhat = (centred - E[x-K]) * invstd
-            #    = scale * g  +  centred * slope  +  constant, per channel:
-            scale = invstd if weight is None else invstd * weight.to(shift.dtype)
-            slope = -scale * invstd * mean_grad_xhat
-            constant = scale * (invstd * mean_offset * mean_grad_xhat - mean_grad)
-            grad_input = torch.addcmul(constant.view(shape), centred, slope.view(shape))
-            grad_input = grad_input.addcmul_(grad, scale.view(shape)).to(input.dtype)
-
+            mean_dxhat = _per_channel(packed[:groups] / denominator, channels)
+            mean_dxhat_xhat = _per_channel(packed[groups:] / denominator, channels)
+            # dx = invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+            #    = g * gamma * invstd  +  (x - mu) * slope  +  constant, per channel
+            slope = -invstd.square() * mean_dxhat_xhat
+            constant = -invstd * mean_dxhat
+            grad_input = kernels.scaled_grad_plus_affine(
+                grad_output, gamma * invstd, input, centre, slope, constant
+            )
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
@@ -289,37 +293,50 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         return self._batch_norm(input, self.weight, self.bias)
 
-    def _batch_norm(self, input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """BatchNorm of ``input`` (N, C', *) with this layer's running statistics, which
-        must hold C' channels, and the given per-channel affine (None for none).
+    def _batch_norm(
+        self, input: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int | None = None
+    ) -> Tensor:
+        """BatchNorm of ``input`` (N, C, *) with the given per-channel affine (None for
+        none) and one statistic per group of ``C / groups`` consecutive channels (None: per
+        channel), which is also the size of this layer's running statistics.
 
-        The core that :class:`SyncBatchNorm` applies to its input as it is, and that layers
-        normalizing over other groupings of the same values (BatchGroupNorm: a view with
-        one "channel" per group of channels) apply to a view of theirs.
+        The core that :class:`SyncBatchNorm` applies with a statistic per channel, and that
+        layers normalizing over other groupings of the same values apply with theirs
+        (BatchGroupNorm: per group of channels).
         """
-        if not self.training or comm.group_size(self.process_group) == 1:
+        channels = input.size(1)
+        groups = channels if groups is None else groups
+        synchronized = self.training and comm.group_size(self.process_group) > 1
+        batch_stats = self.training or self.running_mean is None or self.running_var is None
+        if not batch_stats or (groups == channels and not synchronized):
             return self._local_batch_norm(input, weight, bias)
 
-        tag = self._sync_tag(input)
-        shift = self._agreed_shift(input, tag)
+        # Batch statistics of groups of channels, or of the whole group's batch: torch's
+        # kernel has neither, so the synchronized path computes them, over this rank alone
+        # (comm.LOCAL) when there is nothing to synchronize.
+        group = self.process_group if synchronized else comm.LOCAL
+        tag = self._sync_tag(input, groups) if synchronized else None
+        shift = self._agreed_shift(input, groups, group, tag)
         output, mean, var, count = _SyncBatchNormFunction.apply(
-            input, weight, bias, shift, self.eps, self.process_group, tag
+            input, weight, bias, shift, self.eps, group, tag
         )
+        if not self.training:  # eval without running statistics: nothing to update
+            return output
         # Statistics summed over the group are non-finite on every rank alike when any rank's
         # batch holds a NaN or Inf: every rank then keeps its shift and running statistics.
         finite = torch.isfinite(mean + var).all()
         self._shift = torch.where(finite, mean, shift).detach()
         self._report_nonfinite(finite)
 
-        # Only a rank holding fewer than two values per channel can belong to a group that
+        # Only a rank holding fewer than two values per statistic can belong to a group that
         # holds fewer than two in all, so only such a rank reads the global count on the host.
         group_batch_is_empty = False
-        if input.numel() < 2 * input.size(1):
+        if input.numel() < 2 * groups:
             global_count = int(count.item())
             if global_count == 1:
                 raise InputError(
                     f"{layer_label(self)} got 1 value per channel across its whole group "
-                    f"({comm.describe_group(self.process_group)}) in training mode; BatchNorm "
+                    f"({comm.describe_group(group)}) in training mode; BatchNorm "
                     "needs at least 2: use a larger batch, a larger sync group, or a "
                     "normalization without batch statistics"
                 )
@@ -328,10 +345,11 @@ class SyncBatchNorm(_BatchNorm):
             self._update_running_stats(mean, var, count, group_batch_is_empty, finite)
         return output
 
-    def _sync_tag(self, input: Tensor) -> comm.SyncTag | None:
+    def _sync_tag(self, input: Tensor, groups: int) -> comm.SyncTag | None:
         """The tag of this training call's collectives, and the call counted; None when
         the check is off. Every collective of the layer is padded to the forward's
-        ``2C + 1`` values, so that tags, not sizes, tell them apart. Calls compiled by
+        ``2G + 1`` values (G statistics: C for BatchNorm), so that tags, not sizes, tell
+        them apart. Calls compiled by
         torch.compile are not counted (call 0): a new integer at every call would make it
         recompile every call."""
         # None: on for CPU tensors, where the check measured under 2% of the layer's time;
@@ -344,7 +362,7 @@ class SyncBatchNorm(_BatchNorm):
         if not torch.compiler.is_compiling():
             self._sync_calls += 1
             call = self._sync_calls
-        return comm.SyncTag(self._sync_label, self._sync_layer_id, call, 2 * input.size(1) + 1)
+        return comm.SyncTag(self._sync_label, self._sync_layer_id, call, 2 * groups + 1)
 
     def _report_nonfinite(self, finite: Tensor) -> None:
         """Warn (once per process) or raise, as ``self.nonfinite`` says, when ``finite`` is
@@ -415,16 +433,22 @@ class SyncBatchNorm(_BatchNorm):
             self.eps,
         )
 
-    def _agreed_shift(self, input: Tensor, tag: comm.SyncTag | None) -> Tensor:
-        """The shift every rank holds; on the first training call, the global mean from
-        one extra all-reduce of ``[sum(x), count]``. A non-finite mean becomes 0, as valid
-        a shift, so that a NaN in the first batch does not reach every later call."""
-        dtype = _stats_dtype(input.dtype)
+    def _agreed_shift(
+        self, input: Tensor, groups: int, group: comm.Group, tag: comm.SyncTag | None
+    ) -> Tensor:
+        """The shift every rank holds, one per statistic; on the first training call, the
+        global mean from one extra all-reduce of ``[sum(x), count]``. A non-finite mean
+        becomes 0, as valid a shift, so that a NaN in the first batch does not reach every
+        later call."""
         if self._shift is not None:
-            return self._shift.to(device=input.device, dtype=dtype)
-        values = input.detach().to(dtype)  # the result does not depend on K: no gradient
-        parts = [values.sum(dim=_reduced_dims(input)), values.new_full((1,), values[:, :1].numel())]
-        packed = comm.all_reduce_sum(parts, self.process_group, tag, "shift")
+            return self._shift.to(device=input.device, dtype=kernels.stats_dtype(input.dtype))
+        channel_mean, _ = kernels.channel_moments(input.detach())  # no gradient: K is a constant
+        count_per_channel = input.numel() // input.size(1)
+        parts = [
+            _group_sum(channel_mean, groups) * count_per_channel,
+            channel_mean.new_full((1,), input.numel() // groups),
+        ]
+        packed = comm.all_reduce_sum(parts, group, tag, "shift")
         mean = packed[:-1] / packed[-1].clamp(min=1)
         return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0)
 
