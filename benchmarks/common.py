@@ -48,6 +48,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 # What each benchmark calls the normalizations it compares, and how they are labelled.
 NORM_LABELS = {
     "bn": "local BN",
+    "bn_collectives": "local BN + SyncBN's collectives",
     "sync_bn": "distnorm SyncBN",
     "sync_bn_group2": "distnorm SyncBN, groups of 2",
     "gn_ws": "GN+WS",

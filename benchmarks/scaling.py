@@ -12,6 +12,12 @@ Gloo on CPU (each process gets --threads threads: a machine with fewer cores tha
 processes x threads measures its oversubscription, not the normalization); NCCL with one
 GPU per process when --device cuda, where torch.nn.SyncBatchNorm runs as a baseline too
 (it refuses CPU tensors).
+
+"local BN + SyncBN's collectives" is the floor a synchronized BatchNorm cannot go under: the
+model with local BatchNorm, plus, at every BatchNorm, the all-reduces distnorm's SyncBN
+makes there (one in forward, one in backward, of its payload size) on a buffer of zeros.
+SyncBN's step over this floor is what distnorm's own code costs; the floor over local BN
+is what the transport costs on the machine measured.
 """
 
 from __future__ import annotations
@@ -21,14 +27,65 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import common
 from distnorm.examples import small_resnet
 
 NAME = "scaling"
-NORMS = ["bn", "sync_bn", "sync_bn_group2", "gn_ws", "bcn", "bgn", "torch_sync_bn"]
+NORMS = [
+    "bn",
+    "bn_collectives",
+    "sync_bn",
+    "sync_bn_group2",
+    "gn_ws",
+    "bcn",
+    "bgn",
+    "torch_sync_bn",
+]
+# SyncBatchNorm's collective of a layer of C channels: 2C + 1 values and the 9-value
+# mismatch tag (on by default for CPU tensors; padded to the same size in backward).
+TAG_VALUES = 9
+
+
+class _AllReduceEachWay(torch.autograd.Function):
+    """Identity that all-reduces a buffer of ``size`` zeros in forward and in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, size: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.size = size
+        dist.all_reduce(input.new_zeros(size))
+        return input.view_as(input)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        dist.all_reduce(grad.new_zeros(ctx.size))
+        return grad, None
+
+
+class _WithCollectives(nn.Module):
+    """A local BatchNorm followed by the collectives distnorm's SyncBN would make there."""
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, with_tag: bool) -> None:
+        super().__init__()
+        self.norm = norm
+        self.size = 2 * norm.num_features + 1 + (TAG_VALUES if with_tag else 0)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return _AllReduceEachWay.apply(self.norm(input), self.size)
+
+
+def with_sync_bn_collectives(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with each BatchNorm followed by SyncBN's collectives (the floor)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, _WithCollectives(child, with_tag=device.type == "cpu"))
+        else:
+            with_sync_bn_collectives(child, device)
+    return model
 
 
 def runs_at(norm: str, world_size: int, device: str) -> bool:
@@ -37,6 +94,8 @@ def runs_at(norm: str, world_size: int, device: str) -> bool:
     only on CUDA."""
     if norm == "sync_bn_group2":
         return world_size > 2 and world_size % 2 == 0
+    if norm == "bn_collectives":
+        return world_size > 1
     return norm != "torch_sync_bn" or device == "cuda"
 
 
@@ -50,7 +109,11 @@ def step_times(rank: int, world_size: int, report: common.Report, config: dict) 
     seconds = {}
     for norm in config["norms"]:
         torch.manual_seed(0)
-        model = common.normalize(small_resnet(width=config["width"]), norm).to(device)
+        if norm == "bn_collectives":
+            model = with_sync_bn_collectives(small_resnet(width=config["width"]), device)
+        else:
+            model = common.normalize(small_resnet(width=config["width"]), norm)
+        model = model.to(device)
         trained = model
         if world_size > 1:
             trained = DistributedDataParallel(
@@ -189,8 +252,20 @@ def tables(records: list[dict[str, Any]]) -> str:
         f"{first['device']}, {first['threads']} thread(s) per process; median over "
         f"{first['steps']} steps of the slowest rank's step time.\n\n"
         f"{times}\n\nStep time relative to local BN at the same number of processes "
-        f"(target at 2 processes on CPU: SyncBN <= 1.3x):\n\n{relative}"
+        f"(target at 2 processes on CPU: SyncBN <= 1.3x):\n\n{relative}\n\n"
+        f"distnorm SyncBN relative to local BN + SyncBN's collectives (what distnorm's own "
+        f"code adds to the transport's cost): {floor_ratios(records)}"
     )
+
+
+def floor_ratios(records: list[dict[str, Any]]) -> str:
+    step = {(r["norm"], r["world_size"]): r["step_ms"] for r in records}
+    ratios = [
+        f"{step[('sync_bn', w)] / step[('bn_collectives', w)]:.2f}x at {w} processes"
+        for w in sorted({r["world_size"] for r in records})
+        if ("sync_bn", w) in step and ("bn_collectives", w) in step
+    ]
+    return ", ".join(ratios) or "not measured"
 
 
 def figure(records: list[dict[str, Any]]) -> Any:
@@ -266,7 +341,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary={
             "sync_bn_vs_local_bn": {
                 r["world_size"]: r["vs_local_bn"] for r in records if r["norm"] == "sync_bn"
-            }
+            },
+            "collective_floor_vs_local_bn": {
+                r["world_size"]: r["vs_local_bn"] for r in records if r["norm"] == "bn_collectives"
+            },
         },
         tables=tables(records),
         figure=figure(records),
