@@ -72,7 +72,7 @@ torch's own kernels (:mod:`distnorm.layers.kernels`): forward, the moments and o
 pass; backward, one pass for the two gradient sums and one for the input gradient (plus an
 add for half-precision inputs). Measured on CPU in one process (``small_resnet``, batch 8,
 one thread, the synchronized path with the collectives replaced by nothing): a training
-step 1.10x the same step with ``nn.BatchNorm2d``. The rest of a distributed step's cost is
+step 1.09x the same step with ``nn.BatchNorm2d``. The rest of a distributed step's cost is
 the collectives' latency, two per layer, which the scaling benchmark measures against a
 "local BN + the same collectives" floor. The mismatch check adds 9
 values to each collective (10 to the backward's, padded) and, per collective, a tag built
