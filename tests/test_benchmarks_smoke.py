@@ -10,8 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import accuracy, common, communication, layer_overhead, scaling
+from distnorm.examples import small_resnet
+from tests.multiprocess import recorded_collectives, run_on_ranks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -53,10 +56,11 @@ def test_layer_overhead(tmp_path):
 def test_scaling(tmp_path):
     result = scaling.main(["--tiny", "--out", str(tmp_path)])
     payload = check_outputs(result["paths"], "scaling")
-    cpu_norms = [n for n in scaling.NORMS if n not in ("torch_sync_bn", "sync_bn_group2")]
     assert {(r["norm"], r["world_size"]) for r in payload["records"]} == {
-        (n, w) for n in cpu_norms for w in (1, 2)
+        (n, w) for n in scaling.NORMS for w in (1, 2) if scaling.runs_at(n, w, "cpu")
     }
+    # the collective floor exists only where there is someone to communicate with
+    assert ("bn_collectives", 2) in {(r["norm"], r["world_size"]) for r in payload["records"]}
     for r in payload["records"]:
         assert r["step_ms"] > 0 and len(r["step_ms_all"]) == 3
         if r["world_size"] == 1:
@@ -120,3 +124,30 @@ def test_cache_round_trip_and_fresh(tmp_path):
     assert {"a": 1, "b": 2} in common.Cache(tmp_path, "demo")
     assert common.Cache(tmp_path, "demo").get({"a": 1, "b": 2}) == {"value": 3}
     assert {"a": 1, "b": 2} not in common.Cache(tmp_path, "demo", fresh=True)
+
+
+def floor_and_sync_bn_collectives(rank: int, world_size: int) -> dict[str, list[tuple]]:
+    """Each rank's collectives in a steady-state training step (the second), for the
+    scaling benchmark's collective floor and for distnorm's SyncBN on the same model."""
+    calls = {}
+    for norm in ("bn_collectives", "sync_bn"):
+        torch.manual_seed(0)
+        model = small_resnet(width=4)
+        if norm == "bn_collectives":
+            model = scaling.with_sync_bn_collectives(model, torch.device("cpu"))
+        else:
+            model = common.normalize(model, "sync_bn")
+        images = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(rank))
+        for _ in range(2):
+            with recorded_collectives() as log:
+                model(images).sum().backward()
+        calls[norm] = [(call.name, call.numel) for call in log]
+    return calls
+
+
+def test_collective_floor_makes_exactly_sync_bns_collectives():
+    """The floor is only a floor if it communicates what SyncBN communicates: the same
+    collectives, in the same order, of the same sizes."""
+    for calls in run_on_ranks(floor_and_sync_bn_collectives, 2):
+        assert len(calls["sync_bn"]) == 12  # small_resnet's 6 BatchNorms, each way
+        assert calls["bn_collectives"] == calls["sync_bn"]
