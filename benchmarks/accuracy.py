@@ -434,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--norms", nargs="+", choices=NORMS, default=NORMS, help="compared")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run each")
     parser.add_argument("--world-size", type=int, default=4, help="processes (gloo)")
-    parser.add_argument("--epochs", type=int, default=16, help="passes over --epoch-size")
+    parser.add_argument("--epochs", type=int, default=24, help="passes over --epoch-size")
     parser.add_argument("--global-batch", type=int, default=128, help="images per SGD step")
     parser.add_argument(
         "--epoch-size",
