@@ -400,10 +400,10 @@ class BatchChannelNorm(SyncBatchNorm):
         batch, channels = cell_mean.shape
         old_mean = self.running_mean.to(cell_mean.dtype)
         old_var = self.running_var.to(cell_mean.dtype)
-        offset = cell_mean - old_mean
+        deviation = cell_mean - old_mean  # m - mu_hat, per cell
         parts = [
-            offset.sum(dim=0) * length,
-            (cell_var + offset.square()).sum(dim=0) * length,
+            deviation.sum(dim=0) * length,
+            (cell_var + deviation.square()).sum(dim=0) * length,
             cell_mean.new_full((1,), batch * length),
         ]
         if comm.group_size(self.process_group) > 1:

@@ -155,10 +155,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # values), from each channel's mean and variance about its own mean: sum(x-K) =
         # n (mean - K), sum((x-K)^2) = n (var + (mean - K)^2), exact and free of cancellation.
         channel_mean, channel_var = kernels.channel_moments(input)
-        offset = channel_mean - _per_channel(shift, channels)
+        deviation = channel_mean - _per_channel(shift, channels)  # mean - K
         parts = [
-            _group_sum(offset, groups) * count_per_channel,
-            _group_sum(channel_var + offset.square(), groups) * count_per_channel,
+            _group_sum(deviation, groups) * count_per_channel,
+            _group_sum(channel_var + deviation.square(), groups) * count_per_channel,
             shift.new_full((1,), count_per_channel * (channels // groups)),
         ]
         packed = comm.all_reduce_sum(parts, group, tag, "forward")
@@ -173,8 +173,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         invstd = _per_channel(torch.rsqrt(var + eps), channels)
         centre = _per_channel(mean, channels)
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        offset_out = torch.zeros_like(scale) if bias is None else bias.to(scale.dtype)
-        output = kernels.channel_affine(input, centre, scale, offset_out)
+        beta = torch.zeros_like(scale) if bias is None else bias.to(scale.dtype)
+        output = kernels.channel_affine(input, centre, scale, beta)
 
         ctx.save_for_backward(input, weight, centre, invstd, count)
         ctx.group, ctx.tag, ctx.groups = group, tag, groups
