@@ -112,17 +112,13 @@ _nonfinite_warned = False
 
 
 def _per_channel(per_group: Tensor, channels: int) -> Tensor:
-    """A per-group vector repeated for each group's channels (consecutive channels)."""
-    groups = per_group.numel()
+    """Per-group vectors (..., G) repeated for each group's consecutive channels: (..., C).
+    Always dense, never a stride-0 view (G = 1): torch's kernels read them as dense."""
+    groups = per_group.size(-1)
     if groups == channels:
         return per_group
-    # A copy, never a stride-0 view (G = 1): torch's kernels read these vectors as dense.
-    return per_group.unsqueeze(1).expand(groups, channels // groups).contiguous().view(channels)
-
-
-def _group_sum(per_channel: Tensor, groups: int) -> Tensor:
-    """A per-channel vector summed over each group's channels."""
-    return per_channel.view(groups, -1).sum(dim=1)
+    repeated = per_group.unsqueeze(-1).expand(*per_group.shape, channels // groups)
+    return repeated.reshape(*per_group.shape[:-1], channels).contiguous()
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -154,24 +150,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # The one forward collective, [sum(x-K), sum((x-K)^2), count] per group (2G + 1
         # values), from each channel's mean and variance about its own mean: sum(x-K) =
         # n (mean - K), sum((x-K)^2) = n (var + (mean - K)^2), exact and free of cancellation.
-        channel_mean, channel_var = kernels.channel_moments(input)
-        deviation = channel_mean - _per_channel(shift, channels)  # mean - K
-        parts = [
-            _group_sum(deviation, groups) * count_per_channel,
-            _group_sum(channel_var + deviation.square(), groups) * count_per_channel,
-            shift.new_full((1,), count_per_channel * (channels // groups)),
-        ]
-        packed = comm.all_reduce_sum(parts, group, tag, "forward")
-        total_sum, total_sum_sq, count = packed[:groups], packed[groups:-1], packed[-1]
+        channel_mean, channel_var = (m.view(groups, -1) for m in kernels.channel_moments(input))
+        deviation = channel_mean - shift.unsqueeze(1)  # mean - K, per channel
+        sums = torch.stack((deviation, channel_var + deviation.square())).sum(dim=2)
+        local_count = shift.new_full((1,), input.numel() // groups)
+        packed = comm.all_reduce_sum(
+            [sums.view(-1) * count_per_channel, local_count], group, tag, "forward"
+        )
+        count = packed[-1]
 
-        denominator = count.clamp(min=1)
-        mean_offset = total_sum / denominator  # E[x - K], so mu = K + E[x - K]
-        var = (total_sum_sq / denominator - mean_offset.square()).clamp(min=0)
+        # E[x - K] and E[(x - K)^2] over the group's batch, so mu = K + E[x - K].
+        mean_offset, mean_square = packed[:-1].view(2, groups) / count.clamp(min=1)
+        var = (mean_square - mean_offset.square()).clamp(min=0)
         mean = shift + mean_offset
 
         # y = (x - mu) * invstd * gamma + beta
-        invstd = _per_channel(torch.rsqrt(var + eps), channels)
-        centre = _per_channel(mean, channels)
+        centre, invstd = _per_channel(torch.stack((mean, torch.rsqrt(var + eps))), channels)
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
         beta = torch.zeros_like(scale) if bias is None else bias.to(scale.dtype)
         output = kernels.channel_affine(input, centre, scale, beta)
@@ -202,14 +196,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             # The one backward collective, per group [sum(dxhat), sum(dxhat * xhat)] (2G
             # values), with dxhat = gamma * g the gradient of the normalized values.
             gamma = torch.ones_like(invstd) if weight is None else weight.to(invstd.dtype)
-            parts = [
-                _group_sum(gamma * sum_grad, groups),
-                _group_sum(gamma * sum_grad_xhat, groups),
-            ]
-            packed = comm.all_reduce_sum(parts, ctx.group, ctx.tag, "backward")
-            denominator = count.clamp(min=1)
-            mean_dxhat = _per_channel(packed[:groups] / denominator, channels)
-            mean_dxhat_xhat = _per_channel(packed[groups:] / denominator, channels)
+            sums = (torch.stack((sum_grad, sum_grad_xhat)) * gamma).view(2, groups, -1).sum(dim=2)
+            packed = comm.all_reduce_sum([sums.view(-1)], ctx.group, ctx.tag, "backward")
+            means = packed.view(2, groups) / count.clamp(min=1)
+            mean_dxhat, mean_dxhat_xhat = _per_channel(means, channels)
             # dx = invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
             #    = g * gamma * invstd  +  (x - mu) * slope  +  constant, per channel
             slope = -invstd.square() * mean_dxhat_xhat
@@ -445,7 +435,7 @@ class SyncBatchNorm(_BatchNorm):
         channel_mean, _ = kernels.channel_moments(input.detach())  # no gradient: K is a constant
         count_per_channel = input.numel() // input.size(1)
         parts = [
-            _group_sum(channel_mean, groups) * count_per_channel,
+            channel_mean.view(groups, -1).sum(dim=1) * count_per_channel,
             channel_mean.new_full((1,), input.numel() // groups),
         ]
         packed = comm.all_reduce_sum(parts, group, tag, "shift")
