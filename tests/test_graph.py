@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from distnorm.graph import ConvNormLinks, conv_norm_links
 from distnorm.layers.std_conv import WSConv2d
 from distnorm.layers.sync_batchnorm import SyncBatchNorm
+from tests.models import BasicBlock
 
 BATCHNORMS = (_BatchNorm,)
 
@@ -194,31 +195,6 @@ def test_norm_subclasses_and_ws_convs_are_single_nodes() -> None:
     links = conv_norm_links(model, BATCHNORMS)
     assert links.method == "torch.fx", links.reason
     assert links.pairs == (("0", "1"), ("2", "3"))
-
-
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock, with a projection shortcut."""
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        return self.relu(out + identity)
 
 
 class Bottleneck(nn.Module):
