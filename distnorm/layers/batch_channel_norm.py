@@ -406,11 +406,8 @@ class BatchChannelNorm(SyncBatchNorm):
             (cell_var + deviation.square()).sum(dim=0) * length,
             cell_mean.new_full((1,), batch * length),
         ]
-        if comm.group_size(self.process_group) > 1:
-            tag = self._sync_tag(cell_mean, channels)
-            packed = comm.all_reduce_sum(parts, self.process_group, tag, "forward")
-        else:
-            packed = torch.cat(parts)
+        group, tag = self._sync_target(cell_mean, channels)
+        packed = comm.all_reduce_sum(parts, group, tag, "forward")
         finite = torch.isfinite(packed).all()
         self._report_nonfinite(finite)
         self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))

@@ -296,16 +296,14 @@ class SyncBatchNorm(_BatchNorm):
         """
         channels = input.size(1)
         groups = channels if groups is None else groups
-        synchronized = self.training and comm.group_size(self.process_group) > 1
+        group, tag = self._sync_target(input, groups) if self.training else (comm.LOCAL, None)
         batch_stats = self.training or self.running_mean is None or self.running_var is None
-        if not batch_stats or (groups == channels and not synchronized):
+        if not batch_stats or (groups == channels and group is comm.LOCAL):
             return self._local_batch_norm(input, weight, bias)
 
         # Batch statistics of groups of channels, or of the whole group's batch: torch's
         # kernel has neither, so the synchronized path computes them, over this rank alone
         # (comm.LOCAL) when there is nothing to synchronize.
-        group = self.process_group if synchronized else comm.LOCAL
-        tag = self._sync_tag(input, groups) if synchronized else None
         shift = self._agreed_shift(input, groups, group, tag)
         output, mean, var, count = _SyncBatchNormFunction.apply(
             input, weight, bias, shift, self.eps, group, tag
@@ -334,6 +332,14 @@ class SyncBatchNorm(_BatchNorm):
         if self.track_running_stats:
             self._update_running_stats(mean, var, count, group_batch_is_empty, finite)
         return output
+
+    def _sync_target(self, input: Tensor, groups: int) -> tuple[comm.Group, comm.SyncTag | None]:
+        """Where this training call's collectives go, and the tag they carry: the layer's
+        process group and :meth:`_sync_tag`; or :data:`comm.LOCAL` and no tag when the group
+        is this rank alone (nothing to sum with, nothing to check)."""
+        if comm.group_size(self.process_group) == 1:
+            return comm.LOCAL, None
+        return self.process_group, self._sync_tag(input, groups)
 
     def _sync_tag(self, input: Tensor, groups: int) -> comm.SyncTag | None:
         """The tag of this training call's collectives, and the call counted; None when
