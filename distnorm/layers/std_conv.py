@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from distnorm.errors import InputError, layer_label
+from distnorm.layers.kernels import stats_dtype
 
 Variant = Literal["paper", "official"]
 
@@ -115,7 +116,7 @@ class _WeightStandardization:
 
     def _standardized(self, dtype: torch.dtype) -> Tensor:
         """W_hat computed in fp32 (fp64 for fp64 weights), returned in ``dtype``."""
-        weight = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        weight = self.weight.to(stats_dtype(self.weight.dtype))
         filter_dims = tuple(range(1, weight.dim()))  # all but the output channel
         if self.variant == "paper":
             # sigma = sqrt(1/I sum (W - mu)^2 + eps)
