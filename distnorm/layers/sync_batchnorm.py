@@ -345,9 +345,8 @@ class SyncBatchNorm(_BatchNorm):
         """The tag of this training call's collectives, and the call counted; None when
         the check is off. Every collective of the layer is padded to the forward's
         ``2G + 1`` values (G statistics: C for BatchNorm), so that tags, not sizes, tell
-        them apart. Calls compiled by
-        torch.compile are not counted (call 0): a new integer at every call would make it
-        recompile every call."""
+        them apart. Calls compiled by torch.compile are not counted (call 0): a new integer
+        at every call would make it recompile every call."""
         # None: on for CPU tensors, where the check measured under 2% of the layer's time;
         # off for CUDA ones, where reading the tag on the host is a device synchronization
         # per collective whose cost has not been measured (no GPU in the test runs).
