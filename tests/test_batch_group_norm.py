@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from distnorm.errors import InputError
+from distnorm.layers import sync_batchnorm
 from distnorm.layers.batch_group_norm import BatchGroupNorm
 
 CHANNELS = 6
@@ -99,6 +100,16 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12, msg=what)
 
 
+@pytest.fixture(params=["kernel", "fused"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways one process computes the batch statistics: torch's kernel on the grouped
+    view (small contiguous inputs, as all inputs here are), and the fused path that large
+    and channels-last inputs take, forced here by a size limit of 0."""
+    if request.param == "fused":
+        monkeypatch.setattr(sync_batchnorm, "GROUPED_KERNEL_MAX_VALUES", 0)
+    return request.param
+
+
 # --- train and eval against the formula -----------------------------------------------------
 
 
@@ -106,7 +117,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 @pytest.mark.parametrize("groups", [1, 2, 3, CHANNELS])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_train_then_eval_match_the_formula(
-    spatial: str, groups: int, momentum: float | None
+    spatial: str, groups: int, momentum: float | None, path: str
 ) -> None:
     layer = layer_with_affine(groups, momentum=momentum)
     reference = Reference(groups, momentum)
@@ -137,7 +148,7 @@ def test_train_then_eval_match_the_formula(
     close(layer(x), reference.eval(x, weight, bias), "eval output")
 
 
-def test_without_affine_or_running_stats() -> None:
+def test_without_affine_or_running_stats(path: str) -> None:
     """affine=False: the bare normalization; no running statistics: batch statistics in eval
     too (as nn.BatchNorm does)."""
     layer = BatchGroupNorm(CHANNELS, 2, affine=False, track_running_stats=False).double()
@@ -148,7 +159,7 @@ def test_without_affine_or_running_stats() -> None:
     close(layer.eval()(x), expected, "eval with batch statistics")
 
 
-def test_weight_without_bias() -> None:
+def test_weight_without_bias(path: str) -> None:
     """torch's ``bias=False``: a per-channel scale and no shift."""
     layer = BatchGroupNorm(CHANNELS, 3, bias=False).double()
     assert layer.bias is None
@@ -191,7 +202,7 @@ def test_one_group_normalizes_over_everything() -> None:
     assert y.mean(dim=(0, 2, 3)).abs().max() > 0.5
 
 
-def test_one_sample_trains() -> None:
+def test_one_sample_trains(path: str) -> None:
     """A batch of one (N, C) sample, which BatchNorm refuses in training, has C/G values per
     group."""
     layer = BatchGroupNorm(CHANNELS, 2, affine=False).double()
@@ -204,7 +215,7 @@ def test_one_sample_trains() -> None:
 
 @pytest.mark.parametrize("groups", [1, 3, CHANNELS])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_gradcheck(groups: int, mode: str) -> None:
+def test_gradcheck(groups: int, mode: str, path: str) -> None:
     layer = layer_with_affine(groups)
     layer(data(0, SPATIAL["2d"])[0])  # running statistics away from their initial values
     layer.train(mode == "train")
@@ -244,7 +255,7 @@ def test_channels_last_is_kept_and_changes_nothing(
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_bfloat16_input_keeps_fp32_statistics(mode: str) -> None:
+def test_bfloat16_input_keeps_fp32_statistics(mode: str, path: str) -> None:
     """bf16 in, bf16 out, within bf16 rounding of the formula on the same (rounded) values;
     the running statistics are fp32 and accurate to fp32."""
     layer = BatchGroupNorm(CHANNELS, 3)

@@ -34,10 +34,19 @@ uneven and empty per-rank batches; a shifted-data variance that stays accurate w
 running statistics updated as ``nn.BatchNorm`` updates them (momentum, unbiased over the
 global count, cumulative when ``momentum=None``); mismatched calls across ranks caught
 (``check_sync``) and non-finite batches kept out of the running statistics
-(``nonfinite``), as SyncBatchNorm does, with or without peers. Each rank's weight and bias
-gradients are its own share, which DDP sums like any parameter's. The output has the
-input's dtype and memory format, computed in one kernel pass with the group statistics
-spread over the channels and the per-channel affine folded in.
+(``nonfinite``), as SyncBatchNorm does. Each rank's weight and bias gradients are its own
+share, which DDP sums like any parameter's. The output has the input's dtype and memory
+format, computed in one kernel pass with the group statistics spread over the channels and
+the per-channel affine folded in.
+
+In one process (no peers) the statistics are the same, computed one of two ways, whichever
+is faster for the input (:func:`distnorm.layers.sync_batchnorm._kernel_is_faster`): for
+contiguous inputs of up to 4M values, torch's BatchNorm kernel on the input viewed as
+``(N, G, C/G * prod(*))``, whose channels are the groups, then the kernel's inference pass
+for the per-channel affine; for larger or channels-last inputs, the synchronized path
+above over this process alone. The first has torch's semantics for a non-finite batch (the
+running statistics take it, as ``nn.BatchNorm``'s do, and ``nonfinite`` does not apply, as
+for SyncBatchNorm without peers); the second keeps the batch out and reports it.
 
 Running statistics are one mean and variance per group, stored under BatchNorm's keys
 (``running_mean``/``running_var`` hold G values, ``weight``/``bias`` C). In eval the layer
@@ -53,11 +62,11 @@ What it costs: one all-reduce each way, of ``2G + 1`` values forward and ``2G`` 
 the world size: less than SyncBatchNorm's ``2C + 1`` and ``2C`` for the same layer. The
 mismatch check (on by default) pads each to ``2G + 1`` values and adds its 9-value tag.
 The passes over the data are SyncBatchNorm's, those of torch's own BatchNorm kernels, in
-any memory format; in one process there is no collective, but the statistics still take
-this path (torch's kernel has no grouped statistics), so the per-call arithmetic on
-C-sized vectors (tens of small tensor operations) is a visible share of the time on small
-inputs; the layer-overhead benchmark has the figures. In eval it is one pass of torch's
-kernel and no communication; with ``G = C`` it *is* SyncBatchNorm, bit for bit.
+any memory format, plus a few dozen operations on C-sized vectors per call, a fixed cost
+of some 0.4 ms on CPU that dominates small inputs. In one process, small contiguous inputs
+avoid that cost with two passes more (torch's kernel twice each way); the layer-overhead
+benchmark has the figures. In eval it is one pass of torch's kernel and no communication;
+with ``G = C`` it *is* SyncBatchNorm, bit for bit.
 """
 
 from __future__ import annotations
