@@ -216,8 +216,15 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def device_dtype_order(column: tuple[str, str]) -> tuple[bool, int]:
+    """CPU first, then dtypes in DTYPES' order (a set of strings iterates in a different
+    order in every process)."""
+    device, dtype = column
+    return device != "cpu", list(DTYPES).index(dtype)
+
+
 def tables(records: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
-    columns = sorted({(s["device"], s["dtype"]) for s in summary}, key=lambda k: k[0] != "cpu")
+    columns = sorted({(s["device"], s["dtype"]) for s in summary}, key=device_dtype_order)
     by_key = {(s["device"], s["dtype"], s["case"]): s for s in summary}
     rows = []
     for name, case in CASES.items():
@@ -267,8 +274,7 @@ def tables(records: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
 def figure(records: list[dict[str, Any]]) -> Any:
     plt = common.pyplot()
     panels = sorted(
-        {(r["device"], r["dtype"]) for r in records if "ratio" in r},
-        key=lambda panel: (panel[0] != "cpu", list(DTYPES).index(panel[1])),
+        {(r["device"], r["dtype"]) for r in records if "ratio" in r}, key=device_dtype_order
     )
     fig, axes = plt.subplots(
         1, max(len(panels), 1), figsize=(5.5 * max(len(panels), 1), 4.8), squeeze=False
