@@ -125,7 +125,7 @@ def _per_channel(per_group: Tensor, channels: int) -> Tensor:
 # over the data and a few dozen operations on C-sized vectors, some 0.4 ms on CPU) than as
 # torch's kernel on the grouped view (six passes, no vector arithmetic). Measured with the
 # layer-overhead benchmark on a 2-core CPU, fp32 and bf16: the kernel's way ahead up to
-# 1.6M values (2x64x14x14: 1.3x BatchNorm's time against 3.9x fused), the fused way from
+# 1.6M values (2x64x14x14: 1.4x BatchNorm's time against 4.0x fused), the fused way from
 # 6.4M (32x64x56x56 fp32: 1.3x against 1.6x).
 GROUPED_KERNEL_MAX_VALUES = 1 << 22
 
