@@ -141,6 +141,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
 
 
+def assert_statistics(
+    state: dict, prefix: str, mean: torch.Tensor, var: torch.Tensor, batches: int | None = None
+) -> None:
+    """A layer's running mean and variance (BatchChannelNorm: its estimates) in ``state``,
+    its keys starting with ``prefix``; and, when given, the number of batches it counts."""
+    assert_close(state[f"{prefix}running_mean"], mean)
+    assert_close(state[f"{prefix}running_var"], var)
+    if batches is not None:
+        assert int(state[f"{prefix}num_batches_tracked"]) == batches
+
+
 # --- tests ------------------------------------------------------------------------------------
 
 
@@ -151,10 +162,7 @@ def test_nonfinite_batches_leave_running_statistics_alone_on_every_rank(results,
         state = rank_results[case]["state"]
         assert rank_results[case]["errors"] == [None] * STEPS
         for index, momentum in (("a", MOMENTUM), ("b", None)):
-            mean, var = batchnorm_running(steps, momentum)
-            assert_close(state[f"{index}.running_mean"], mean)
-            assert_close(state[f"{index}.running_var"], var)
-            assert int(state[f"{index}.num_batches_tracked"]) == len(steps)
+            assert_statistics(state, f"{index}.", *batchnorm_running(steps, momentum), len(steps))
 
 
 def test_training_goes_on_exactly_after_a_nonfinite_batch(results) -> None:
@@ -180,9 +188,7 @@ def test_a_nonfinite_first_batch_does_not_poison_the_shift(results) -> None:
     poison = {(0, 1): float("nan")}
     for rank_results in results:
         state = rank_results["first_batch"]["state"]
-        mean, var = batchnorm_running(finite_steps(poison), MOMENTUM)
-        assert_close(state["a.running_mean"], mean)
-        assert_close(state["a.running_var"], var)
+        assert_statistics(state, "a.", *batchnorm_running(finite_steps(poison), MOMENTUM))
 
 
 def test_raise_stops_every_rank_at_the_nonfinite_batch_with_statistics_unchanged(results) -> None:
@@ -191,28 +197,19 @@ def test_raise_stops_every_rank_at_the_nonfinite_batch_with_statistics_unchanged
         assert first is None
         assert second.startswith("InputError: SyncBatchNorm 'a': a training batch's statistics")
         state = rank_results["raise"]["state"]
-        mean, var = batchnorm_running([0], MOMENTUM)
-        assert_close(state["a.running_mean"], mean)
-        assert_close(state["a.running_var"], var)
-        assert int(state["a.num_batches_tracked"]) == 1
+        assert_statistics(state, "a.", *batchnorm_running([0], MOMENTUM), batches=1)
 
 
 def test_batch_group_norm_skips_nonfinite_batches(results) -> None:
     mean, var = group_running(finite_steps(POISON))
     for rank_results in results:
-        state = rank_results["bgn"]["state"]
-        assert_close(state["running_mean"], mean)
-        assert_close(state["running_var"], var)
-        assert int(state["num_batches_tracked"]) == len(finite_steps(POISON))
+        assert_statistics(rank_results["bgn"]["state"], "", mean, var, len(finite_steps(POISON)))
 
 
 def test_batch_channel_norm_estimates_skip_nonfinite_batches(results) -> None:
     mean, var = bcn_estimates(finite_steps(POISON))
     for rank_results in results:
-        state = rank_results["bcn"]["state"]
-        assert_close(state["running_mean"], mean)
-        assert_close(state["running_var"], var)
-        assert int(state["num_batches_tracked"]) == len(finite_steps(POISON))
+        assert_statistics(rank_results["bcn"]["state"], "", mean, var, len(finite_steps(POISON)))
 
 
 def test_batch_channel_norm_on_one_process_skips_nonfinite_batches_too() -> None:
