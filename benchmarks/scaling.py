@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks import common
+from distnorm import comm
 from distnorm.examples import small_resnet
 
 NAME = "scaling"
@@ -51,9 +52,8 @@ NORMS = [
     "bgn",
     "torch_sync_bn",
 ]
-# SyncBatchNorm's collective of a layer of C channels: 2C + 1 values and the 9-value
-# mismatch tag (on by default for CPU tensors; padded to the same size in backward).
-TAG_VALUES = 9
+# SyncBatchNorm's collective of a layer of C channels: 2C + 1 values and the mismatch tag
+# (on by default; the backward's has the same size).
 
 
 class _AllReduceEachWay(torch.autograd.Function):
@@ -74,22 +74,22 @@ class _AllReduceEachWay(torch.autograd.Function):
 class _WithCollectives(nn.Module):
     """A local BatchNorm followed by the collectives distnorm's SyncBN would make there."""
 
-    def __init__(self, norm: nn.modules.batchnorm._BatchNorm, with_tag: bool) -> None:
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
         self.norm = norm
-        self.size = 2 * norm.num_features + 1 + (TAG_VALUES if with_tag else 0)
+        self.size = 2 * norm.num_features + 1 + comm.TAG_SIZE
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return _AllReduceEachWay.apply(self.norm(input), self.size)
 
 
-def with_sync_bn_collectives(model: nn.Module, device: torch.device) -> nn.Module:
+def with_sync_bn_collectives(model: nn.Module) -> nn.Module:
     """``model`` with each BatchNorm followed by SyncBN's collectives (the floor)."""
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            setattr(model, name, _WithCollectives(child, with_tag=device.type == "cpu"))
+            setattr(model, name, _WithCollectives(child))
         else:
-            with_sync_bn_collectives(child, device)
+            with_sync_bn_collectives(child)
     return model
 
 
@@ -115,7 +115,7 @@ def step_times(rank: int, world_size: int, report: common.Report, config: dict) 
     for norm in config["norms"]:
         torch.manual_seed(0)
         if norm == "bn_collectives":
-            model = with_sync_bn_collectives(small_resnet(width=config["width"]), device)
+            model = with_sync_bn_collectives(small_resnet(width=config["width"]))
         else:
             model = common.normalize(small_resnet(width=config["width"]), norm)
         model = model.to(device)

@@ -6,6 +6,7 @@ model = distnorm.convert_model(model, norm="gn_ws")          # or force one norm
 model = distnorm.convert_model(model)                        # or SyncBatchNorm everywhere
 print(distnorm.conversion_report(model))  # what was replaced, where
 model = distnorm.revert_model(model)      # plain torch modules again, for export
+distnorm.report()                         # raise/warn now for what the layers' checks found
 """
 
 from distnorm.comm import even_steps
@@ -17,6 +18,7 @@ from distnorm.errors import (
     PolicyError,
     SyncMismatchError,
 )
+from distnorm.health import report
 from distnorm.layers import (
     BatchChannelNorm,
     BatchGroupNorm,
@@ -62,5 +64,6 @@ __all__ = [
     "load_policy",
     "per_worker_batch_size_from_config",
     "plan",
+    "report",
     "revert_model",
 ]

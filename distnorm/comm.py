@@ -13,7 +13,7 @@ import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -81,41 +81,42 @@ def all_reduce_sum_(tensor: torch.Tensor, group: Group = None) -> torch.Tensor:
     return tensor
 
 
-# --- The mismatch check ----------------------------------------------------------------
+# --- Checked collectives ---------------------------------------------------------------
 #
 # A collective pairs the k-th all-reduce of every rank, whatever each rank meant by it. When
 # ranks call synchronized layers differently (control flow that depends on the data, a
 # layer called twice on one rank, one more batch on one rank), gloo and NCCL sum one
 # layer's statistics into another's, or wait forever. So each collective of a synchronized
-# layer carries, after its payload, a tag naming the collective: the layer (a hash of the
-# qualified name convert_model gave it), the direction (shift / forward / backward) and
-# the layer's training-call number. The identity is written as 8 base-16 digits, each sent
-# as d_j = digit + 1 (1 to 16, never 0), followed by one more value, sum_j d_j^2. After the
-# sum over W ranks, with d_rj rank r's digit j,
+# layer carries, after its payload, a tag naming the layer and the direction (shift /
+# forward / backward): the code's TAG_BITS bits b_j, then their complements 1 - b_j, each
+# sent as 0.0 or 1.0. Summed over W ranks, bit j becomes S_j and its complement W - S_j, and
 #
-#     sum_j (sum_r d_rj)^2 == W * sum_r sum_j d_rj^2   iff every digit is equal on every rank
+#     sum_j S_j * (W - S_j) == 0   iff every rank sent the same code,
 #
-# (Cauchy-Schwarz per digit: W * sum_r d_rj^2 >= (sum_r d_rj)^2, with equality only for equal
-# values), so every rank learns, from the very sum it already waits for, whether all ranks
-# are in the same collective, and all of them raise together. Digits of at most 16 keep
-# every sum an integer below 2^24, exact in fp32, for groups of up to 8192 ranks; a larger
-# group is not checked. 9 values per collective, whatever the world size; no extra round trip.
+# since each term is a product of two non-negative integers, zero exactly when bit j is 0
+# on every rank or 1 on every rank. A sum of non-negative terms is zero iff each term is, in
+# floating point too (nothing cancels), so fp32 decides it exactly for any group size: one
+# matrix-vector product on the device, no host read. Equal codes in every position imply
+# the same layer and direction at every earlier position too, hence the same call count:
+# calls need no number. A layer's code is a 18-bit hash of its name (qualified by
+# convert_model; class, width and construction index for layers built directly).
 #
-# All collectives of a layer are padded to one size (2C + 1 values for C channels) so that
-# two directions or calls of the same width compare tags instead of failing on sizes. Layers
-# of different widths send payloads of different sizes: gloo then aborts the process whose
-# buffer is the smaller ("Received data size doesn't match expected size"), and the other
-# raises, from gloo or from this check: a tag summed over m < W ranks fails it, since m
-# equal tags give m^2 * sum_j d_j^2 on the left and W * m * sum_j d_j^2 on the right. NCCL
-# offers no such guarantee for different sizes.
+# The outcome accumulates in the layer's flags (distnorm.health) and gates its statistics
+# on the device; distnorm.health reads every layer's flags once per step and raises
+# SyncMismatchError there. A layer's first collective (the shift) is checked on the host
+# at once: it is not part of a steady step, and it catches ranks that start to disagree.
+#
+# Every collective of a layer has one size (payload + count + tag) so that two directions
+# of the same width compare tags instead of failing on sizes. Layers of different widths
+# send payloads of different sizes: gloo then aborts the process whose buffer is the
+# smaller ("Received data size doesn't match expected size"), and the other raises, from
+# gloo or from this check. NCCL offers no such guarantee for different sizes.
 
-# Which collective of a layer a tag names.
 PHASES = ("shift", "forward", "backward")
 _LAYER_ID_BITS = 18
-_CALL_DIGITS = 3  # the call number modulo 16^3
-_DIGITS = 8  # 5 for the layer id and phase (18 + 2 bits), 3 for the call number
-TAG_SIZE = _DIGITS + 1
-MAX_CHECKED_GROUP_SIZE = 2**24 // (_DIGITS * 16**2)  # 8192
+TAG_BITS = _LAYER_ID_BITS + 2  # the layer id, then the phase
+TAG_SIZE = 2 * TAG_BITS  # the bits, then their complements
+MAX_CHECKED_GROUP_SIZE = 2**24  # every summed bit an exact fp32 integer
 
 
 def layer_id(key: str) -> int:
@@ -124,70 +125,125 @@ def layer_id(key: str) -> int:
     return zlib.crc32(key.encode()) & ((1 << _LAYER_ID_BITS) - 1)
 
 
-class SyncTag(NamedTuple):
-    """Which training call of which layer this rank is in: ``label`` (for messages, e.g.
-    ``"SyncBatchNorm 'layer1.0.bn1'"``), ``layer`` (:func:`layer_id`), ``call`` (the
-    layer's training-call number; 0 under torch.compile) and ``payload``, the number of
-    values every collective of the layer sends before its tag (shorter payloads are padded
-    with zeros to it)."""
-
-    label: str
-    layer: int
-    call: int
-    payload: int
+def tag_code(layer: int, phase: str) -> list[float]:
+    """The tag a collective of ``phase`` of layer ``layer`` carries: its code's bits, then
+    their complements."""
+    code = layer << 2 | PHASES.index(phase)
+    bits = [float(code >> j & 1) for j in range(TAG_BITS)]
+    return bits + [1.0 - bit for bit in bits]
 
 
-def all_reduce_sum(
-    parts: Sequence[Tensor],
-    group: Group = None,
-    tag: SyncTag | None = None,
-    phase: str = "forward",
-) -> Tensor:
-    """The concatenation of ``parts`` (1-D, one dtype) summed over the ranks of ``group``,
-    in one all-reduce.
+def _disagreement(summed_tag: list[float]) -> float:
+    """``sum_j S_j (W - S_j)`` of a summed tag read on the host: 0 iff the ranks agreed."""
+    return sum(s * c for s, c in zip(summed_tag[:TAG_BITS], summed_tag[TAG_BITS:], strict=True))
 
-    With ``tag``, the collective carries the tag of its ``phase`` (one of :data:`PHASES`;
-    the payload padded to ``tag.payload`` values first) and every rank checks that all
-    ranks sent the same one, raising :class:`~distnorm.errors.SyncMismatchError` on every
-    rank otherwise. The check reads 9 summed values on the host (free on gloo, whose
-    all-reduce returns on the host; a device synchronization with NCCL). Under
-    ``torch.compile`` it is a device-side assert instead, which raises a ``RuntimeError``
-    with the same message and breaks no graph.
+
+class SyncChannel:
+    """The collectives of one synchronized layer, on one device and dtype.
+
+    Each collective all-reduces one buffer ``[payload (P values) | count | tag]`` in place:
+    the layer writes its payload into a :meth:`new_buffer` with ``out=`` operations;
+    :meth:`all_reduce` writes the count and the tag behind it (one copy from a persistent
+    tail), all-reduces, and adds the tag check to ``flags`` (one matrix-vector product).
+    Tails and flags are allocated once and updated in place, so a captured CUDA graph
+    replays them.
+
+    ``flags`` holds, per :attr:`FLAGS`, what the layer's collectives found since they were
+    last read (:mod:`distnorm.health`): the tag checks' disagreements (0 when every rank
+    agreed) and the layer's non-finite statistics (NaN once any were). ``group`` LOCAL: no
+    collective and no tag; ``checked=False``: no tag (the check is off).
     """
-    ranks = 1 if tag is None else group_size(group)
-    if tag is None or ranks > MAX_CHECKED_GROUP_SIZE:
-        return all_reduce_sum_(torch.cat(parts), group)
-    length = sum(part.numel() for part in parts)
-    packed = torch.cat([*parts, _tag_values(tag, phase, tag.payload - length, parts[0])])
-    all_reduce_sum_(packed, group)
-    _check_tag(packed[-TAG_SIZE:], ranks, tag, phase, group)
-    return packed[:length]
+
+    FLAGS = ("shift", "forward", "backward", "nonfinite")
+
+    def __init__(
+        self, group: Group, payload: int, layer: int, like: Tensor, checked: bool, label: str
+    ) -> None:
+        self.group = group
+        self.ranks = group_size(group)
+        self.payload_size = payload
+        self.label = label
+        self.checked = checked and group is not LOCAL and self.ranks <= MAX_CHECKED_GROUP_SIZE
+        self._like = like
+        self._width = payload + 1 + (TAG_SIZE if self.checked else 0)
+        self._codes = {
+            phase: like.new_tensor(tag_code(layer, phase) if self.checked else [])
+            for phase in PHASES
+        }
+        self._tails: dict[str, Tensor] = {}
+        self._count = -1
+        # One tensor per flag, not views of one: a compiled backward may mutate its own
+        # flag only if the forward mutates no view of the same tensor.
+        self.flags = [like.new_zeros(1) for _ in self.FLAGS]
+        self._layer = layer
+
+    def flag(self, name: str) -> Tensor:
+        """The one-element flag named ``name`` (one of :attr:`FLAGS`)."""
+        return self.flags[self.FLAGS.index(name)]
+
+    def new_buffer(self) -> Tensor:
+        """A buffer for one collective, ``[payload | count | tag]``: the layer writes its
+        payload into the first ``payload_size`` values (with ``out=`` operations) and hands
+        it to :meth:`all_reduce`. A new tensor each call, not a persistent one: compiled
+        graphs may not mutate their inputs in backward."""
+        return self._like.new_empty(self._width)
+
+    def set_count(self, count: int) -> None:
+        """This rank's number of values per statistic, sent behind the payload by the next
+        collectives (a fill only when it changes; outside any traced function)."""
+        if self._count != count:  # new tensors, not a fill: compiled graphs read them
+            self._count = count
+            self._tails = {
+                phase: torch.cat((code.new_full((1,), count), code))
+                for phase, code in self._codes.items()
+            }
+
+    def all_reduce(self, buffer: Tensor, phase: str, check: bool = True) -> Tensor:
+        """Sum ``buffer`` (from :meth:`new_buffer`, its payload written) over the group, with
+        the count and ``phase``'s tag written behind the payload first; the summed
+        ``[payload | count]``, a view of the buffer. ``check=False`` leaves the flags alone
+        (the tag is still sent, for the other ranks)."""
+        buffer[self.payload_size :].copy_(self._tails[phase])
+        if self.group is not LOCAL:
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        if self.checked and check:
+            tag = buffer[-TAG_SIZE:]
+            self.flag(phase).addmv_(tag[:TAG_BITS].view(1, TAG_BITS), tag[TAG_BITS:])
+        return buffer[: self.payload_size + 1]
+
+    def all_reduce_now(self, parts: Sequence[Tensor], phase: str, call: int | None) -> Tensor:
+        """The concatenation of ``parts`` and a count slot (its last element is the count)
+        summed over the group in one all-reduce of the layer's size, checked on the host
+        at once: :class:`~distnorm.errors.SyncMismatchError` on every rank when the ranks
+        were not all in this collective (under torch.compile, or while a CUDA graph is
+        captured, the check goes to ``flags`` instead). Not for a steady step: it
+        allocates and reads the host."""
+        packed = torch.cat(list(parts))
+        length = packed.numel()
+        padding = self.payload_size + 1 - length
+        code = self._codes[phase]
+        buffer = torch.cat([packed[:-1], packed.new_zeros(padding), packed[-1:], code])
+        if self.group is not LOCAL:
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+        if self.checked:
+            tag = buffer[-TAG_SIZE:]
+            if torch.compiler.is_compiling() or _capturing(buffer):
+                self.flag(phase).addmv_(tag[:TAG_BITS].view(1, TAG_BITS), tag[TAG_BITS:])
+            elif _disagreement(tag.tolist()) != 0:
+                raise SyncMismatchError(mismatch_message(self.label, phase, self.group, call))
+        return torch.cat([buffer[: length - 1], buffer[self.payload_size : self.payload_size + 1]])
 
 
-def _tag_values(tag: SyncTag, phase: str, padding: int, like: Tensor) -> Tensor:
-    """``padding`` zeros, then ``[t_0 + 1, ..., t_7 + 1, sum_j (t_j + 1)^2]``: the layer id
-    and phase in 5 digits, the call number (modulo 16^3) in 3; in ``like``'s dtype and
-    device, made in one operation (it runs at every collective)."""
-    site = (tag.layer << 2 | PHASES.index(phase)) << 4 * _CALL_DIGITS | tag.call % 16**_CALL_DIGITS
-    digits = [((site >> (4 * j)) & 15) + 1 for j in range(_DIGITS)]
-    return like.new_tensor([0] * padding + [*digits, sum(d * d for d in digits)])
+def _capturing(tensor: Tensor) -> bool:
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _check_tag(summed: Tensor, ranks: int, tag: SyncTag, phase: str, group: Group) -> None:
-    if torch.compiler.is_compiling():
-        values = summed.double()
-        agreed = values[:-1].square().sum() == ranks * values[-1]
-        torch._assert_async(agreed, _mismatch_message(tag, phase, group, call=None))
-        return
-    *digit_sums, square_sum = summed.tolist()
-    if sum(d * d for d in digit_sums) != ranks * square_sum:
-        raise SyncMismatchError(_mismatch_message(tag, phase, group, call=tag.call))
-
-
-def _mismatch_message(tag: SyncTag, phase: str, group: Group, call: int | None) -> str:
+def mismatch_message(label: str, phase: str, group: Group, call: int | None) -> str:
+    """What every rank of a group whose ranks met in different collectives says, naming
+    the layer and collective it was in (``call``: the layer's training call, when known)."""
     which = f"the {phase} collective" + ("" if call is None else f" of training call {call}")
     return (
-        f"{tag.label}: rank {rank()} was in {which}, but the ranks of its sync group "
+        f"{label}: rank {rank()} was in {which}, but the ranks of its sync group "
         f"({describe_group(group)}) were not all in the same one: some were in another "
         "synchronized layer, another call of this layer, or the other direction. Nothing "
         "was mixed: every rank raises this error, naming the layer it was in. Make every "

@@ -87,7 +87,7 @@ _CONV_OF_WS = {ws: conv for conv, ws in _WS_CONV_OF.items()}
 # What a converted layer holds besides its original's state; dropped again on revert.
 _DISTNORM_ATTRIBUTES = (
     "process_group",
-    "_shift",
+    "_sync",
     "_distnorm_origin",
     "_distnorm_name",
     "_reached_sync",
@@ -95,8 +95,6 @@ _DISTNORM_ATTRIBUTES = (
     "check_sync",
     "nonfinite",
     "_sync_layer_id",
-    "_sync_label",
-    "_sync_calls",
 )
 
 

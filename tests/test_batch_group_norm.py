@@ -365,7 +365,7 @@ def test_statistics_from_a_trained_batchnorm() -> None:
         layer.weight is batchnorm.weight
         and layer.num_batches_tracked is batchnorm.num_batches_tracked
     )
-    assert layer.num_groups == 2 and layer._shift is None
+    assert layer.num_groups == 2 and layer._sync is None
 
 
 @pytest.mark.parametrize(

@@ -134,7 +134,7 @@ def floor_and_sync_bn_collectives(rank: int, world_size: int) -> dict[str, list[
         torch.manual_seed(0)
         model = small_resnet(width=4)
         if norm == "bn_collectives":
-            model = scaling.with_sync_bn_collectives(model, torch.device("cpu"))
+            model = scaling.with_sync_bn_collectives(model)
         else:
             model = common.normalize(model, "sync_bn")
         images = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(rank))

@@ -1,9 +1,10 @@
 """The per-channel passes of distnorm.layers.kernels against their formulas in float64.
 
-Every synchronized layer's forward and backward is built from these four passes, handed to
+Every synchronized layer's forward and backward is built from these passes, handed to
 torch's BatchNorm kernels as "running statistics", "weight" and "bias"; a kernel that
 reads a vector differently than the formula says (a memory format, a half-precision
-input, an empty batch, a 2-D input) would be wrong in every layer at once.
+input, an empty batch, a 2-D input) would be wrong in every layer at once. (On CUDA,
+``normalize`` takes nn.SyncBatchNorm's kernel instead: tests/test_sync_batchnorm_cuda.py.)
 """
 
 from __future__ import annotations
@@ -67,33 +68,44 @@ def test_each_pass_is_its_formula(shape_id: str, dtype: torch.dtype) -> None:
             actual.double(), expected, rtol=0, atol=tolerance * max(scale_of_values, 1.0)
         )
 
-    c, a, b, p = (per_channel(v.double(), x) for v in (centre, scale, offset, slope))
-    affine = kernels.channel_affine(x, centre, scale, offset)
+    c, a, b = (per_channel(v.double(), x) for v in (centre, scale, offset))
+    ones = torch.ones(6, dtype=stats)
+    affine = kernels.channel_affine(x, centre, scale, offset, ones)
     close(affine, (x64 - c) * a + b)
-    if shape_id.endswith("channels_last"):
-        assert affine.is_contiguous(memory_format=torch.channels_last)
+    assert affine.is_contiguous(memory_format=torch.channels_last) == shape_id.endswith("last")
 
-    sum_grad, sum_grad_centred = kernels.centred_grad_sums(g, x, centre)
+    var, eps = scale.abs() + 0.5, 1e-3
+    invstd = (var.double() + eps).rsqrt()
+    normalized = kernels.normalize(x, centre, var, invstd.to(stats), scale, offset, eps)
+    close(normalized, (x64 - c) * per_channel(invstd, x) * a + b)
+
+    grad_input, sum_grad_xhat, sum_grad = kernels.eval_backward(g, x, centre, var, scale, eps)
+    xhat = (x64 - c) * per_channel(invstd, x)
+    close(grad_input, g64 * a * per_channel(invstd, x))
+    assert sum_grad.dtype == sum_grad_xhat.dtype == stats
     torch.testing.assert_close(sum_grad.double(), g64.sum(reduced(x)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        sum_grad_centred.double(), (g64 * (x64 - c)).sum(reduced(x)), rtol=1e-5, atol=1e-4
+        sum_grad_xhat.double(), (g64 * xhat).sum(reduced(x)), rtol=1e-5, atol=1e-4
     )
 
-    combined = kernels.scaled_grad_plus_affine(g, scale, x, centre, slope, offset)
-    close(combined, g64 * a + (x64 - c) * p + b)
 
-
-def test_empty_batch_gives_zero_statistics_and_empty_outputs() -> None:
-    x = torch.zeros(0, 6, 4, 4)
-    centre = torch.randn(6)
+def test_empty_batches_give_zero_sums_and_empty_outputs() -> None:
+    x = torch.zeros(0, 6, 3, 3)
+    centre = torch.zeros(6)
+    ones = torch.ones(6)
     mean, var = kernels.channel_moments(x)
-    assert torch.equal(mean, torch.zeros(6)) and torch.equal(var, torch.zeros(6))
-    assert kernels.channel_affine(x, centre, centre, centre).shape == x.shape
-    sums = kernels.centred_grad_sums(x, x, centre)
-    assert all(torch.equal(s, torch.zeros(6)) for s in sums)
-    assert kernels.scaled_grad_plus_affine(x, centre, x, centre, centre, centre).shape == x.shape
-    # A view with no channels at all (BatchChannelNorm's cells of an empty batch).
-    cells = torch.zeros(1, 0, 16)
-    assert (
-        kernels.channel_affine(cells, torch.zeros(0), torch.zeros(0), torch.zeros(0)).numel() == 0
-    )
+    assert torch.equal(mean, centre) and torch.equal(var, centre)
+    assert kernels.channel_affine(x, centre, ones, centre, ones).shape == x.shape
+    assert kernels.normalize(x, centre, ones, ones, ones, centre, 1e-5).shape == x.shape
+    grad_input, sum_grad_xhat, sum_grad = kernels.eval_backward(x, x, centre, ones, ones, 1e-5)
+    assert grad_input.shape == x.shape
+    assert torch.equal(sum_grad, centre) and torch.equal(sum_grad_xhat, centre)
+    cells = torch.zeros(1, 0, 4)  # a batch of 0 samples viewed as cells: no channels at all
+    assert kernels.channel_affine(cells, centre[:0], centre[:0], centre[:0], ones[:0]).numel() == 0
+
+
+def test_statistics_dtype() -> None:
+    assert kernels.stats_dtype(torch.bfloat16) == torch.float32
+    assert kernels.stats_dtype(torch.float16) == torch.float32
+    assert kernels.stats_dtype(torch.float32) == torch.float32
+    assert kernels.stats_dtype(torch.float64) == torch.float64

@@ -1,8 +1,9 @@
 """torch.compile of a converted model, at world size 1 and on 2 real gloo processes, with
-the mismatch check on: one graph per call (no graph break: the check is a device-side
-assert under compile, and compiled calls are not numbered), one recompilation once the
-shift the sums are taken about exists, the same outputs and running statistics as eager mode, and a
-mismatch still raises on every rank (as a RuntimeError carrying the same message).
+the mismatch check on: one graph per call (no graph break: the check runs on the device and
+no host reads the outcome inside the graph), one recompilation once the shift the sums are
+taken about exists, the same outputs and running statistics as eager mode, and a mismatch
+still raises SyncMismatchError on every rank, with the same message, when the outcome is
+reported (distnorm.report(), or the next optimizer step).
 
 The backend is "aot_eager": Dynamo's capture and AOTAutograd's functionalization of the
 collectives and of the custom backward, without Inductor's C++ compilation time.
@@ -66,10 +67,11 @@ def compile_worker(rank: int, world_size: int) -> dict:
     results = eager_and_compiled(rank, cumulative=True)
     model = distnorm.convert_model(Net(cumulative=True))
     layer = torch.compile(model.a if rank == 0 else model.b, backend="aot_eager")
+    layer(torch.randn(2, 4, 3, 3))  # no device-side assert: the outcome waits on the device
     try:
-        layer(torch.randn(2, 4, 3, 3))
+        distnorm.report()
         results["mismatch"] = None
-    except RuntimeError as error:
+    except distnorm.SyncMismatchError as error:
         results["mismatch"] = str(error)
     return results
 

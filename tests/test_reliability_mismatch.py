@@ -5,6 +5,10 @@ alike (uneven and empty batches, a layer called twice everywhere, activation
 checkpointing) are never stopped. Layers of different widths make gloo end the job instead
 (documented in distnorm/comm.py): no hang either.
 
+The check runs on the device and is reported by distnorm.health at the latest at the next
+step's first synchronized call (here: the next call of a layer, or the end of a backward
+pass), before that call's collective; a layer's first call is checked at once.
+
 The mismatch cases run one after another in the same 3 processes: every rank leaves a
 mismatched collective having completed it, so the group stays usable. The expected
 statistics are nn.BatchNorm's on the concatenated batch, written out here in float64.
@@ -57,6 +61,13 @@ def statistics(layer: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def next_step(layer: nn.Module, x: torch.Tensor) -> None:
+    """A training call of ``layer`` and the next step's: where a mismatch in the first is
+    reported at the latest."""
+    layer(x)
+    layer(x)
+
+
 def outcome(action) -> str | None:
     """None when ``action()`` returns, else ``"<error class>: <message>"``."""
     try:
@@ -78,7 +89,7 @@ def mismatch_cases(rank: int, world_size: int) -> dict[str, dict]:
     model.b(batch(0, rank))
     before = {"a": statistics(model.a), "b": statistics(model.b)}
     layer = model.b if rank == 2 else model.a
-    error = outcome(lambda: layer(batch(1, rank)))
+    error = outcome(lambda: next_step(layer, batch(1, rank)))
     results["a_vs_b"] = {
         "error": error,
         "before": before,
@@ -106,7 +117,7 @@ def mismatch_cases(rank: int, world_size: int) -> dict[str, dict]:
     def backward() -> None:
         if rank == 2:
             y_b.sum().backward()
-            model.a(batch(4, rank))
+            next_step(model.a, batch(4, rank))
         else:
             (y_a.square().sum() + y_b.sum()).backward()
 
@@ -136,13 +147,13 @@ def mismatch_cases(rank: int, world_size: int) -> dict[str, dict]:
     error = outcome(matched)
     results["matched"] = {"error": error, "a": statistics(model.a)}
 
-    # Layers built directly (not named by convert_model) of one class and width share an
-    # id: their call counts tell them apart. p has had 2 calls, q 1; rank 0 calls p again
+    # Layers built directly (not named by convert_model) of one class and width are told
+    # apart by the order they were built in. p has had 2 calls, q 1; rank 0 calls p again
     # (call 3) where the others call q (call 2).
     p, q = (SyncBatchNorm(CHANNELS).double() for _ in range(2))
     for layer in (p, p, q):
         layer(batch(5, rank))
-    error = outcome(lambda: (p if rank == 0 else q)(batch(6, rank)))
+    error = outcome(lambda: next_step(p if rank == 0 else q, batch(6, rank)))
     results["unnamed"] = {"error": error}
 
     # A sync-group size that does not divide the world: refused on every rank, before any
@@ -244,7 +255,7 @@ def test_calls_that_match_on_every_rank_are_never_stopped(results) -> None:
         assert torch.equal(results[0]["matched"]["a"][key], results[2]["matched"]["a"][key])
 
 
-def test_directly_built_layers_of_one_width_are_told_apart_by_their_call_counts(results) -> None:
+def test_directly_built_layers_of_one_width_are_told_apart(results) -> None:
     calls = ["training call 3", "training call 2", "training call 2"]
     for rank, result in enumerate(results):
         error = result["unnamed"]["error"]

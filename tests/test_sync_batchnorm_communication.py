@@ -1,8 +1,8 @@
 """What a converted model sends during one training step: exactly one all-reduce per
 SyncBatchNorm in forward and one in backward, nothing else, and the same bytes at world
 size 2 and 4 (torch's SyncBatchNorm all-gathers W * (2C + 1) values per layer instead).
-With the mismatch check (the default) each collective is padded to 2C + 1 values and
-carries a 9-value tag; with ``check_sync=False`` the payloads are 2C + 1 and 2C.
+Every collective of a layer is one persistent buffer of 2C + 1 values (two sums per
+channel and a count); with the mismatch check (the default) it also carries the tag.
 
 Collectives are counted by wrapping the real ``torch.distributed`` functions for the
 duration of a step; every call still goes through to gloo.
@@ -62,13 +62,13 @@ def forward_bytes(check_sync: bool) -> int:
 
 
 def backward_bytes(check_sync: bool) -> int:
-    """2C values; padded to the forward's 2C + 1 and tagged when checked."""
-    return forward_bytes(True) if check_sync else sum(4 * 2 * c for c in CHANNELS)
+    """2C values and the count, in the forward's buffer layout."""
+    return forward_bytes(check_sync)
 
 
 def shift_bytes(check_sync: bool) -> int:
-    """C + 1 values; padded to the forward's 2C + 1 and tagged when checked."""
-    return forward_bytes(True) if check_sync else sum(4 * (c + 1) for c in CHANNELS)
+    """C + 1 values, padded to the forward's 2C + 1 (and tagged when checked)."""
+    return forward_bytes(check_sync)
 
 
 CHECKS = pytest.mark.parametrize("check_sync", [True, False], ids=["checked", "unchecked"])
@@ -105,7 +105,7 @@ def test_eval_mode_does_not_communicate(logs_by_world_size) -> None:
 @CHECKS
 def test_first_step_agrees_on_a_shift_once(logs_by_world_size, check_sync: bool) -> None:
     """The documented one-off: a layer's first training forward adds one all-reduce of
-    C + 1 values (padded to 2C + 1 and tagged when checked) to agree on the shift its sums
+    C + 1 values (padded to 2C + 1, and tagged when checked) to agree on the shift its sums
     are taken about."""
     for runs in logs_by_world_size[4]:
         logs = runs[check_sync]

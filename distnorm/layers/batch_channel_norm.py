@@ -86,11 +86,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from distnorm import comm
+from distnorm import comm, health
 from distnorm.errors import InputError, layer_label
 from distnorm.layers import kernels
 from distnorm.layers.group_norm import DEFAULT_NUM_GROUPS, check_num_groups, choose_num_groups
-from distnorm.layers.sync_batchnorm import SyncBatchNorm
+from distnorm.layers.sync_batchnorm import SyncBatchNorm, _SyncState
 
 # The paper's r. Not stated in the official code (a buffer set to 0 there, changed by
 # training scripts it does not include); BatchNorm's momentum, the role r plays.
@@ -101,13 +101,13 @@ class _EstimatedBatchChannelNormFunction(torch.autograd.Function):
     """Micro-batch BCN in training, both parts in one pass each way.
 
     Works on the input viewed as ``(1, N*C, L)`` "cells" (one per sample and channel, ``L``
-    values each), whose means ``m`` and variances ``v`` the layer has computed. The batch
-    part is a per-channel affine ``z = s_c x + t_c`` with constant statistics, so each
-    cell's z has mean ``s m + t`` and variance ``s^2 v``, and the channel part's group
-    statistics follow from those of its cells without another pass over the data; the
-    output is then one per-cell affine of x (:func:`kernels.channel_affine`). Backward
-    likewise needs the per-cell sums of ``g`` and ``g (x - m)`` (one pass) and one fused
-    input-gradient pass; everything else is arithmetic on (N, C) tensors.
+    values each), whose means ``m`` and variances ``v`` (N, C) the layer has computed. The
+    batch part is a per-channel affine ``z = s x + t`` with constant statistics, so a cell's
+    z has mean ``s m + t`` and variance ``s^2 v``: the channel part's group statistics
+    follow from the cells', and the output is one per-cell affine of x. Backward needs the
+    per-cell sums of ``g`` and ``g (x - m)`` (one pass, which also gives ``g * scale``) and
+    one affine pass; the rest is arithmetic on (N, C) tensors, viewed as (N, G, C/G) where
+    a value per group meets values per channel, and group sums as matrix products.
     """
 
     @staticmethod
@@ -118,121 +118,144 @@ class _EstimatedBatchChannelNormFunction(torch.autograd.Function):
         bias: Tensor | None,
         group_weight: Tensor | None,
         group_bias: Tensor | None,
+        state: _SyncState,
         estimates: tuple[Tensor, Tensor],
         cell_moments: tuple[Tensor, Tensor],
-        batch: int,
         groups: int,
         eps: float,
     ) -> Tensor:
-        estimate_mean, estimate_var = (estimate.view(groups, -1) for estimate in estimates)
-        shape = (batch, groups, estimate_mean.size(1))  # sample, group, channel in the group
-        cell_mean, cell_var = (moment.view(shape) for moment in cell_moments)
+        estimate_mean, estimate_var = estimates
+        cell_mean, cell_var = cell_moments  # (N, C)
+        weight, bias, group_weight, group_bias = (
+            kernels.as_stats(p, cell_mean.dtype) for p in (weight, bias, group_weight, group_bias)
+        )
+        batch, channels = cell_mean.shape
+        grouped = (batch, groups, channels // groups)
 
         # Batch part: z = s x + t, s = gamma * rsqrt(sigma_hat^2 + eps), t = beta - mu_hat s.
         rstd = torch.rsqrt(estimate_var + eps)
-        batch_scale = rstd if weight is None else rstd * weight.to(rstd.dtype).view(groups, -1)
+        batch_scale = rstd if weight is None else rstd * weight
         batch_shift = (
-            -estimate_mean * batch_scale
+            torch.mul(estimate_mean, batch_scale).neg_()
             if bias is None
-            else bias.to(batch_scale.dtype).view(groups, -1) - estimate_mean * batch_scale
+            else torch.addcmul(bias, estimate_mean, batch_scale, value=-1)
         )
-        # Channel part, GroupNorm of z per sample and group (Wu & He 2018, Eq. 1-3), from the
-        # cells' moments of z: mean s m + t, variance s^2 v.
-        z_mean = batch_scale * cell_mean + batch_shift
-        group_mean = z_mean.mean(dim=2, keepdim=True)
-        z_deviation = z_mean - group_mean
-        group_var = (batch_scale.square() * cell_var + z_deviation.square()).mean(
-            dim=2, keepdim=True
-        )
-        group_rstd = torch.rsqrt(group_var + eps)
-        group_gamma = (
-            torch.ones_like(group_rstd)
-            if group_weight is None
-            else group_weight.to(batch_scale.dtype).view(1, groups, 1)
-        )
-        # y = gamma' * (z - mean_g) * rstd_g + beta'  =  (x - m) * scale + offset, per cell.
-        scale = group_gamma * group_rstd * batch_scale
-        offset = group_gamma * group_rstd * z_deviation
-        if group_bias is not None:
-            offset = offset + group_bias.to(batch_scale.dtype).view(1, groups, 1)
+        # Channel part, GroupNorm of z per sample and group (Wu & He 2018, Eq. 1-3), from
+        # the cells' moments of z: mean s m + t, variance s^2 v; rstd_g per (sample, group).
+        z_mean = torch.addcmul(batch_shift, cell_mean, batch_scale)
+        z_deviation = torch.addmm(z_mean, z_mean, _group_average(state, groups), alpha=-1)
+        spread = torch.addcmul(z_deviation.square(), cell_var, batch_scale.square())
+        eps_tensor = state.constant("eps", eps, lambda like: like.new_tensor(eps))
+        group_rstd = torch.addmm(eps_tensor, spread, _group_mean(state, groups)).rsqrt_()
+        gamma_rstd = group_rstd if group_weight is None else group_rstd * group_weight
+        # y = gamma' (z - mean_g) rstd_g + beta' = (x - m) * scale + offset, per cell.
+        per_group = gamma_rstd.view(batch, groups, 1)
+        scale = (per_group * batch_scale.view(grouped[1:])).view(batch, channels)
+        deviation = z_deviation.view(grouped)
+        if group_bias is None:
+            offset = per_group * deviation
+        else:
+            offset = torch.addcmul(group_bias.view(groups, 1), per_group, deviation)
         output = kernels.channel_affine(
-            cells, cell_mean.reshape(-1), scale.reshape(-1), offset.reshape(-1)
-        )
-
-        ctx.save_for_backward(
-            cells,
-            weight,
-            cell_mean,
-            cell_var,
-            estimate_mean,
-            rstd,
-            batch_scale,
-            group_gamma,
-            group_rstd,
-            z_deviation,
-            scale,
-        )
-        ctx.length = cells.size(2)
-        ctx.param_dtypes = [
-            None if p is None else p.dtype for p in (weight, bias, group_weight, group_bias)
-        ]
+            cells, cell_mean.view(-1), scale.view(-1), offset.view(-1),
+            _cell_ones(state, cell_mean.numel()),
+        )  # fmt: skip
+        centred = None if weight is None else cell_mean - estimate_mean
+        ctx.save_for_backward(cells, cell_mean, cell_var, rstd, batch_scale, z_deviation,
+                              group_rstd, gamma_rstd, scale, centred)  # fmt: skip
+        ctx.state, ctx.groups = state, groups
+        ctx.affine = group_weight is not None
         return output
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_output: Tensor
     ) -> tuple[Tensor | None, ...]:
-        (cells, weight, cell_mean, cell_var, estimate_mean, rstd, batch_scale, group_gamma,
-         group_rstd, z_deviation, scale) = ctx.saved_tensors  # fmt: skip
-        batch, groups, per_group = cell_mean.shape
-        length = ctx.length
-        # Per cell: sum(g) and sum(g (x - m)); then sum(g zhat), zhat = (z - mean_g) * rstd_g.
-        sums = kernels.centred_grad_sums(grad_output, cells, cell_mean.reshape(-1))
-        sum_grad, sum_grad_centred = (part.view(batch, groups, per_group) for part in sums)
-        sum_grad_zhat = group_rstd * (batch_scale * sum_grad_centred + z_deviation * sum_grad)
+        with kernels.full_precision(grad_output):
+            return _EstimatedBatchChannelNormFunction._backward(ctx, grad_output)
 
-        # GroupNorm's backward, dz = rstd_g (dzhat - mean_g(dzhat) - zhat mean_g(dzhat zhat)),
-        # dzhat = gamma' g, means over a sample's group (per_group * length values).
-        values = per_group * length
-        mean_dzhat = group_gamma * sum_grad.sum(dim=2, keepdim=True) / max(values, 1)
-        mean_dzhat_zhat = group_gamma * sum_grad_zhat.sum(dim=2, keepdim=True) / max(values, 1)
-        # dx = s dz = g * scale + (x - m) * slope + constant, per cell.
-        slope = -batch_scale.square() * group_rstd.square() * mean_dzhat_zhat
-        constant = (
-            -batch_scale * group_rstd * (mean_dzhat + mean_dzhat_zhat * group_rstd * z_deviation)
+    @staticmethod
+    def _backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (cells, cell_mean, cell_var, rstd, batch_scale, z_deviation, group_rstd, gamma_rstd,
+         scale, centred) = ctx.saved_tensors  # fmt: skip
+        state: _SyncState = ctx.state
+        health.MONITOR.at_backward()
+        batch, channels = cell_mean.shape
+        groups, length = ctx.groups, cells.size(2)
+        grouped = (batch, groups, channels // groups)
+        ones = _cell_ones(state, cell_mean.numel())
+        # g * scale, and per cell sum(g (x - m)) and sum(g), in one pass.
+        grad_input, sum_grad_centred, sum_grad = kernels.eval_backward(
+            grad_output, cells, cell_mean.view(-1), ones, scale.view(-1), 0.0
         )
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            grad_input = kernels.scaled_grad_plus_affine(
-                grad_output, scale.reshape(-1), cells, cell_mean.reshape(-1),
-                slope.reshape(-1), constant.reshape(-1),
-            )  # fmt: skip
+        sum_grad_centred, sum_grad = (
+            sum_grad_centred.view(cell_mean.shape),
+            sum_grad.view(cell_mean.shape),
+        )
+        # Per cell sum(g zhat) / rstd_g, zhat the channel part's normalized z; per (sample,
+        # group) their means over the group's values, times -1 (one matrix product).
+        sum_grad_zhat = torch.addcmul(batch_scale * sum_grad_centred, z_deviation, sum_grad)
+        mean_grad, mean_grad_zhat = torch.stack((sum_grad, sum_grad_zhat)) @ _group_mean(
+            state, groups, -1.0 / length
+        )
+        # GroupNorm's backward, dz = rstd_g (dzhat - mean_g(dzhat) - zhat mean_g(dzhat zhat)),
+        # dzhat = gamma' g, means over a sample's group; dx = s dz per cell:
+        #   dx = g * scale + (x - m) * slope + constant.
+        correction = (mean_grad_zhat * group_rstd.square()).view(batch, groups, 1)
+        centred_mean = torch.addcmul(
+            mean_grad.view(batch, groups, 1), z_deviation.view(grouped), correction
+        )
+        scaled_correction = batch_scale.view(grouped[1:]) * correction
+        slope = scale.view(grouped) * scaled_correction
+        constant = scale.view(grouped) * centred_mean
+        grad_input.add_(kernels.channel_affine(
+            cells, cell_mean.view(-1), slope.view(-1), constant.view(-1), ones
+        ))  # fmt: skip
+        if not ctx.affine:
+            return (grad_input, None, None, None, None, None, None, None, None, None)
 
-        grad_weight = grad_bias = None
-        if weight is not None:
-            # Per cell sum(dz) and sum(dz (x - m)), with sum(zhat) = rstd_g (z_mean - mean_g) L
-            # and sum(zhat (x - m)) = rstd_g s v L; then the batch part's affine gradients,
-            # dz/dbeta = 1 and dz/dgamma = rstd (x - mu_hat).
-            sum_dz = group_rstd * (
-                group_gamma * sum_grad
-                - length * (mean_dzhat + mean_dzhat_zhat * group_rstd * z_deviation)
-            )
-            sum_dz_centred = group_rstd * (
-                group_gamma * sum_grad_centred
-                - length * mean_dzhat_zhat * group_rstd * batch_scale * cell_var
-            )
-            grad_bias = sum_dz.sum(dim=0).reshape(-1)
-            grad_weight = (
-                rstd * (sum_dz_centred + (cell_mean - estimate_mean) * sum_dz).sum(dim=0)
-            ).reshape(-1)
-        grad_group_weight, grad_group_bias = sum_grad_zhat.sum(dim=(0, 2)), sum_grad.sum(dim=(0, 2))
-        # Each rank's share, as for any parameter; None where the layer has no such parameter.
-        grads = [grad_weight, grad_bias, grad_group_weight, grad_group_bias]
-        grads = [
-            None if dtype is None else grad.to(dtype)
-            for grad, dtype in zip(grads, ctx.param_dtypes, strict=True)
-        ]
-        return (grad_input, *grads, None, None, None, None, None)
+        # Per cell sum(dz) and sum(dz (x - m)); then the batch part's affine gradients,
+        # dz/dbeta = 1 and dz/dgamma = rstd (x - mu_hat); the channel part's, per group.
+        per_group = gamma_rstd.view(batch, groups, 1)
+        sum_dz = per_group * torch.add(sum_grad.view(grouped), centred_mean, alpha=length)
+        sum_dz_centred = per_group * torch.addcmul(
+            sum_grad_centred.view(grouped), scaled_correction, cell_var.view(grouped),
+            value=length,
+        )  # fmt: skip
+        sum_dz = sum_dz.view(batch, channels)
+        sum_dz_estimate = torch.addcmul(sum_dz_centred.view(batch, channels), centred, sum_dz)
+        grad_zhat = (group_rstd.view(batch, groups, 1) * sum_grad_zhat.view(grouped)).view(
+            batch, channels
+        )
+        sums = torch.stack((grad_zhat, sum_grad, sum_dz_estimate, sum_dz)).sum(dim=1)
+        grad_group_weight, grad_group_bias = sums[:2] @ state.membership(groups)
+        grad_weight = sums[2] * rstd
+        return (grad_input, grad_weight, sums[3], grad_group_weight, grad_group_bias,
+                None, None, None, None, None)  # fmt: skip
+
+
+def _group_average(state: _SyncState, groups: int) -> Tensor:
+    """(C, C): 1 / (C/G) where two channels are in the same group, else 0."""
+    channels = state.ones.numel()
+
+    def make(like: Tensor) -> Tensor:
+        member = state.membership(groups)
+        return member @ member.T / (channels // groups)
+
+    return state.constant("group_average", groups, make)
+
+
+def _group_mean(state: _SyncState, groups: int, scale: float = 1.0) -> Tensor:
+    """(C, G): ``scale / (C/G)`` where channel c is in group g, else 0."""
+    per_group = state.ones.numel() // groups
+    kind = "group_mean" if scale == 1.0 else "scaled_group_mean"
+    return state.constant(
+        kind, (groups, scale), lambda like: state.membership(groups) * (scale / per_group)
+    )
+
+
+def _cell_ones(state: _SyncState, cells: int) -> Tensor:
+    return state.constant("cell_ones", cells, lambda like: like.new_ones(cells))
 
 
 class BatchChannelNorm(SyncBatchNorm):
@@ -346,27 +369,34 @@ class BatchChannelNorm(SyncBatchNorm):
         both parts in one pass (:class:`_EstimatedBatchChannelNormFunction`). The input is
         viewed as one "cell" per sample and channel, copied to channel-major order first
         when it is not (channels_last), and the output returned in the input's layout."""
+        with kernels.full_precision(input):
+            return self._estimated_training_call(input)
+
+    def _estimated_training_call(self, input: Tensor) -> Tensor:
+        assert self.running_mean is not None and self.running_var is not None
         batch, channels = input.shape[:2]
         cells = input.contiguous().view(1, batch * channels, math.prod(input.shape[2:]))
-        cell_mean, cell_var = kernels.channel_moments(cells.detach())
-        self._update_estimates(
-            cell_mean.view(batch, channels), cell_var.view(batch, channels), cells.size(2)
-        )
-        # Copies: the next training call updates the estimates in place, possibly before
-        # this call's backward (gradient accumulation).
-        estimates = (
-            self.running_mean.to(cell_mean.dtype, copy=True),
-            self.running_var.to(cell_mean.dtype, copy=True),
-        )
+        state = self._sync_state(input, channels, self._sync_group(), shifted=False)
+        scratch = state.constant("cell_scratch", cells.size(1),
+                                 lambda like: like.new_zeros(2, cells.size(1)))  # fmt: skip
+        cell_mean, cell_var = (m.view(batch, channels) for m in
+                               kernels.channel_moments(cells.detach(), scratch))  # fmt: skip
+        self._update_estimates(state, cell_mean, cell_var, cells.size(2))
+        for make in (_group_average, _group_mean):  # made now, not inside the Function
+            make(state, self.num_groups)
+        _group_mean(state, self.num_groups, -1.0 / cells.size(2)), _cell_ones(state, cells.size(1))
+        # The Function reads the estimates in forward and saves only what it derives: a
+        # later call may update them in place before this call's backward.
+        estimates = (self.running_mean.to(cell_mean.dtype), self.running_var.to(cell_mean.dtype))
         output = _EstimatedBatchChannelNormFunction.apply(
             cells,
             self.weight,
             self.bias,
             self.group_weight,
             self.group_bias,
+            state,
             estimates,
             (cell_mean, cell_var),
-            batch,
             self.num_groups,
             self.eps,
         ).view(input.shape)
@@ -387,40 +417,40 @@ class BatchChannelNorm(SyncBatchNorm):
         return F.batch_norm(values, mean, var, weight, bias, False, 0.0, self.eps)
 
     @torch.no_grad()
-    def _update_estimates(self, cell_mean: Tensor, cell_var: Tensor, length: int) -> None:
+    def _update_estimates(
+        self, state: _SyncState, cell_mean: Tensor, cell_var: Tensor, length: int
+    ) -> None:
         """``mu_hat += r (mu - mu_hat)``, ``sigma_hat^2 += r (s^2 - sigma_hat^2)`` with the
         statistics of the whole group's batch, from one all-reduce of 2C + 1 values, and the
         batch counted. The local sums about the old estimate come from each cell's (sample
         and channel's) mean and variance: ``sum(x - mu_hat) = L (m - mu_hat)``,
         ``sum((x - mu_hat)^2) = L (v + (m - mu_hat)^2)``, summed over the samples. A batch
-        whose sums are not finite (a NaN or Inf on any rank, hence on every rank alike)
-        changes nothing and is reported as ``nonfinite`` says."""
+        that is mismatched or not finite (a NaN or Inf on any rank, hence on every rank
+        alike) changes nothing; one empty on every rank counts and changes nothing."""
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         batch, channels = cell_mean.shape
-        old_mean = self.running_mean.to(cell_mean.dtype)
-        old_var = self.running_var.to(cell_mean.dtype)
-        deviation = cell_mean - old_mean  # m - mu_hat, per cell
-        parts = [
-            deviation.sum(dim=0) * length,
-            (cell_var + deviation.square()).sum(dim=0) * length,
-            cell_mean.new_full((1,), batch * length),
-        ]
-        group, tag = self._sync_target(cell_mean, channels)
-        packed = comm.all_reduce_sum(parts, group, tag, "forward")
-        finite = torch.isfinite(packed).all()
-        self._report_nonfinite(finite)
-        self.num_batches_tracked.add_(finite.to(self.num_batches_tracked.dtype))
-        total_sum, total_sum_sq, count = packed[:channels], packed[channels:-1], packed[-1]
-
-        # r, or 0 when the group's batch is empty: the estimates then stay, bit for bit,
-        # and no rank needs the count on the host.
-        rate = count.gt(0).to(cell_mean.dtype) * self.estimate_rate
-        denominator = count.clamp(min=1)
-        mean_step = total_sum / denominator  # mu - mu_hat
-        var_step = total_sum_sq / denominator - old_var  # s^2 - sigma_hat^2
-        self.running_mean.copy_(torch.where(finite, old_mean + rate * mean_step, old_mean))
-        self.running_var.copy_(torch.where(finite, old_var + rate * var_step, old_var))
+        channel = state.channel
+        centred = torch.empty((2, batch, channels), dtype=cell_mean.dtype, device=cell_mean.device)
+        torch.sub(cell_mean, self.running_mean, out=centred[0])
+        torch.addcmul(cell_var, centred[0], centred[0], out=centred[1])
+        lengths = state.constant("lengths", (batch, length),
+                                 lambda like: like.new_full((1, batch), float(length)))  # fmt: skip
+        buffer = channel.new_buffer()
+        torch.matmul(lengths, centred, out=buffer[: 2 * channels].view(2, 1, channels))
+        summed = channel.all_reduce(buffer, "forward")
+        steps = summed[:-1].view(2, channels) / summed[-1]  # mu - mu_hat, s^2
+        steps[1].sub_(self.running_var)  # s^2 - sigma_hat^2
+        nonfinite, mismatch = channel.flag("nonfinite"), channel.flag("forward")
+        nonfinite.addmv_(state.zeros, summed[:-1])
+        ok = torch.eq(mismatch, nonfinite).view(())
+        self.num_batches_tracked.add_(ok)
+        if batch * length == 0:  # maybe empty on every rank: then the steps are 0 / 0
+            ok = ok & summed[-1].gt(0)
+        steps = torch.where(ok, steps, state.zero)
+        torch._foreach_add_(
+            [self.running_mean, self.running_var], [steps[0], steps[1]], alpha=self.estimate_rate
+        )
 
     def _channel_norm(self, input: Tensor) -> Tensor:
         """GroupNorm of each sample over ``num_groups`` groups, with the per-group affine

@@ -129,7 +129,7 @@ class BatchGroupNorm(SyncBatchNorm):
         channel_stats = self.channel_running_stats()
         self.num_groups = groups
         # The shift is a per-group mean: one of another grouping means nothing here.
-        self._shift = None
+        self._sync = None
         if channel_stats is None or self.running_mean.numel() == groups:
             return
         channel_mean, channel_var = (stat.view(groups, -1) for stat in channel_stats)
