@@ -70,6 +70,9 @@ def _worker(
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(folder, f"{rank}.pt"))
+        # Every rank done before any tears the group down: gloo aborts a process whose
+        # peer closes the connections under one of its threads.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
