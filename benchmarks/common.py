@@ -420,12 +420,14 @@ def write_results(
     summary: Mapping[str, Any],
     tables: str,
     figure: Any,
+    module: str | None = None,
 ) -> dict[str, Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``args.out`` (with the
-    options and the command line ``argv`` that produced them); return their paths."""
+    options and the command line ``argv`` of ``benchmarks.<module>``, ``name`` by default,
+    that produced them); return their paths."""
     info = machine()
     out: Path = args.out
-    command = command_line(f"benchmarks.{name}", argv)
+    command = command_line(f"benchmarks.{module or name}", argv)
     config = {option: value for option, value in vars(args).items() if option != "out"}
     out.mkdir(parents=True, exist_ok=True)
     paths = {suffix: out / f"{name}.{suffix}" for suffix in ("json", "md", "png")}

@@ -1,10 +1,17 @@
 """Collectives for distnorm's layers: the only module that talks to ``torch.distributed``.
 
 Layers hold an opaque process-group handle (``None`` meaning the default group) and ask
-this module two things: how many ranks share their statistics, and to sum a packed
-tensor across those ranks (:func:`all_reduce_sum`, which can also check that every rank
+this module two things: how many ranks share their statistics, and to sum a packed buffer
+across those ranks (:class:`SyncChannel`, which also checks, on the device, that every rank
 is in the same layer's same collective). Keeping every collective here means a layer's
 communication can be read (and counted) in one place.
+
+Statistics go to the process group a layer is given: the default group, or the sync
+groups a plan makes. With NCCL that group's communicator is DDP's too, so a backward
+all-reduce of a layer can queue behind gradient buckets already launched; a group made for
+the statistics alone (``convert_model(model, process_group=dist.new_group(ranks))``, on
+every rank) gives them their own. Whether that should be the default wants a measurement on
+two or more GPUs, which this project has not had: it is not, for now.
 """
 
 from __future__ import annotations

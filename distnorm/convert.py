@@ -139,10 +139,10 @@ def convert_model(
 
     ``weight_standardization`` (default: on for ``"gn_ws"`` and ``"bcn"``, the pairings
     of Qiao et al.) standardizes the convolutions feeding those layers. ``check_sync``
-    (default: on for CPU tensors, off for CUDA ones; ``True`` for both) makes every
-    synchronized layer check, inside each collective, that all
-    ranks are in the same layer and call, raising :class:`~distnorm.SyncMismatchError`
-    instead of mixing statistics or hanging; ``False`` saves its 9 values per collective.
+    (default: on, every device) makes every synchronized layer check, on the device inside
+    each collective, that all ranks are in the same layer and direction; a mismatch leaves
+    the statistics alone and raises :class:`~distnorm.SyncMismatchError` on every rank at
+    the next report (:mod:`distnorm.health`); ``False`` saves the tag's 40 values.
 
     The model is changed in place, but a BatchNorm at the root is replaced, so always use
     the return value. Convert *before* wrapping the model in DDP, Accelerate or DeepSpeed.

@@ -13,8 +13,9 @@ alike (the flags come from summed values):
 * before a layer's first training call, and before a collective of a direction the layer
   already made since the last report (a layer used twice, or steps without backward), so
   that ranks whose calls diverged stop before one waits for a collective no other joins;
-* before ``optimizer.step()`` when no report came since the previous step (compiled
-  models, whose backward runs no Python), and when :func:`report` is called.
+* before ``optimizer.step()``, when calls were made since the last report or no report
+  came since the previous step (compiled models, whose backward runs no Python), and when
+  :func:`report` is called.
 
 On CPU the read is immediate. On CUDA the flags go to pinned memory by a non-blocking copy,
 read once the copy is done (polled at each synchronized call) and waited for at the first
@@ -54,7 +55,7 @@ class _Pending:
     their first collective, and their flags' values once readable (``event``: the end of
     a CUDA copy into the pinned ``host``)."""
 
-    reporters: list[tuple[Reporter, dict[str, int]]]
+    reporters: list[tuple[Reporter, dict[str, int], int]]  # with their flags' offset
     host: Tensor
     event: torch.cuda.Event | None = None
 
@@ -70,6 +71,8 @@ class Monitor:
         self._owners: weakref.WeakSet[Any] = weakref.WeakSet()
         self._calls: dict[Reporter, dict[str, int]] = {}
         self._pending: list[_Pending] = []
+        self._layout: list[tuple[torch.device, list[tuple[Reporter, int]], list]] = []
+        self._layout_key: list[int] = []
         self._reports_since_step = 0
         self._backward_end_queued = False
         self._step_open = False
@@ -107,8 +110,9 @@ class Monitor:
         self.report(wait=False)
 
     def at_optimizer_step(self) -> None:
-        """Before ``optimizer.step()``: report when nothing did since the previous step."""
-        if self._reports_since_step == 0:
+        """Before ``optimizer.step()``: report the calls made since the last report, or,
+        when there was no report since the previous step, any (compiled calls)."""
+        if self._calls or self._reports_since_step == 0:
             self.report(wait=False)
         self._reports_since_step = 0
 
@@ -120,18 +124,16 @@ class Monitor:
         self._reports_since_step += 1
         self._step_open = False
         calls, self._calls = self._calls, {}
-        reporters = [owner._sync for owner in list(self._owners) if owner._sync is not None]
-        # Layers in the order of their first collective since the last report, so that the
-        # error raised is about the first mismatch; then those called only when compiled.
-        order = {reporter: index for index, reporter in enumerate(calls)}
-        reporters.sort(key=lambda reporter: order.get(reporter, len(order)))
-        by_device: dict[torch.device, list[Reporter]] = {}
-        for reporter in reporters:
-            by_device.setdefault(reporter.flags[0].device, []).append(reporter)
-        for device, group in by_device.items():
-            flags = [flag for reporter in group for flag in reporter.flags]
+        for device, reporters, flags in self._flags_by_device():
             values = torch.cat(flags)
-            pending = _Pending([(r, calls.get(r, {})) for r in group], values)
+            # Layers in the order of their first collective since the last report, so that
+            # the error raised is about the first mismatch; then those called when compiled.
+            order = {reporter: index for index, reporter in enumerate(calls)}
+            ordered = sorted(
+                ((r, calls.get(r, {}), offset) for r, offset in reporters),
+                key=lambda item: order.get(item[0], len(order)),
+            )
+            pending = _Pending(ordered, values)
             if device.type == "cuda":
                 pending.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
                 pending.host.copy_(values, non_blocking=True)
@@ -141,6 +143,21 @@ class Monitor:
             self._pending.append(pending)
         self._deliver(wait)
 
+    def _flags_by_device(self) -> list[tuple[torch.device, list[tuple[Reporter, int]], list]]:
+        """Per device, the layers with flags (each with the offset of its first flag) and
+        all their flags in one list; made again only when a layer's state changed."""
+        reporters = [owner._sync for owner in list(self._owners) if owner._sync is not None]
+        key = [id(reporter) for reporter in reporters]
+        if key != self._layout_key:
+            by_device: dict[torch.device, tuple[list[tuple[Reporter, int]], list]] = {}
+            for reporter in reporters:
+                entries, flags = by_device.setdefault(reporter.flags[0].device, ([], []))
+                entries.append((reporter, len(flags)))
+                flags.extend(reporter.flags)
+            self._layout = [(device, *value) for device, value in by_device.items()]
+            self._layout_key = key
+        return self._layout
+
     def _deliver(self, wait: bool) -> None:
         """Let the layers act on the reports whose values are readable (all of them when
         ``wait``), oldest first; the first error any layer raises is raised."""
@@ -149,14 +166,14 @@ class Monitor:
             if pending.event is not None:
                 pending.event.synchronize()
             values = pending.host.tolist()
+            if not any(values) and all(value == value for value in values):
+                continue  # nothing found: zeros, no NaN
             errors: list[DistNormError] = []
-            for reporter, calls in pending.reporters:
-                size = len(reporter.flags)
+            for reporter, calls, offset in pending.reporters:
                 try:
-                    reporter.act(values[:size], calls)
+                    reporter.act(values[offset : offset + len(reporter.flags)], calls)
                 except DistNormError as error:
                     errors.append(error)
-                values = values[size:]
             if errors:
                 raise errors[0]
 

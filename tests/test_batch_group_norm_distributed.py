@@ -37,14 +37,16 @@ class Case:
     momentum: float | None = 0.1
     affine: bool = True
     channels_last: bool = False
+    device: str = "cpu"
 
     @property
     def id(self) -> str:
         batches = "-".join(map(str, self.split))
         layout = "/channels_last" if self.channels_last else ""
+        where = "" if self.device == "cpu" else f"/{self.device}"
         return (
             f"{batches}/{self.spatial}{layout}/G={self.groups}/{self.dtype}/"
-            f"m={self.momentum}/affine={self.affine}"
+            f"m={self.momentum}/affine={self.affine}{where}"
         )
 
 
@@ -96,10 +98,10 @@ def initial_affine() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_case_on_rank(case: Case, rank: int) -> dict:
-    dtype = DTYPES[case.dtype]
+    dtype, device = DTYPES[case.dtype], torch.device(case.device)
     stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     layer = BatchGroupNorm(CHANNELS, case.groups, momentum=case.momentum, affine=case.affine).to(
-        stats_dtype
+        device, stats_dtype
     )
     if case.affine:
         with torch.no_grad():
@@ -111,35 +113,36 @@ def run_case_on_rank(case: Case, rank: int) -> dict:
     steps = []
     for step in range(STEPS):
         x_global, grad_global = step_data(case, step)
-        x = x_global[rows].to(dtype).contiguous(memory_format=memory_format).requires_grad_(True)
+        x = x_global[rows].to(device, dtype).contiguous(memory_format=memory_format)
+        x.requires_grad_(True)
         layer.zero_grad()
         with recorded_collectives() as forward_log:
             y = layer(x)
         with recorded_collectives() as backward_log:
-            y.backward(grad_global[rows].to(dtype))
+            y.backward(grad_global[rows].to(device, dtype))
         steps.append(
             {
-                "output": y.detach().double(),
+                "output": y.detach().double().cpu(),
                 "output_dtype": y.dtype,
                 "output_format_kept": y.is_contiguous(memory_format=memory_format),
-                "grad_input": x.grad.double(),
-                "grad_weight": None if layer.weight is None else layer.weight.grad.double(),
-                "grad_bias": None if layer.bias is None else layer.bias.grad.double(),
-                "running_mean": layer.running_mean.clone(),
-                "running_var": layer.running_var.clone(),
+                "grad_input": x.grad.double().cpu(),
+                "grad_weight": None if layer.weight is None else layer.weight.grad.double().cpu(),
+                "grad_bias": None if layer.bias is None else layer.bias.grad.double().cpu(),
+                "running_mean": layer.running_mean.cpu().clone(),
+                "running_var": layer.running_var.cpu().clone(),
                 "num_batches_tracked": int(layer.num_batches_tracked),
                 "forward_collectives": [(c.name, c.numel) for c in forward_log],
                 "backward_collectives": [(c.name, c.numel) for c in backward_log],
             }
         )
     layer.eval()
-    x_eval = step_data(case, STEPS)[0][rows].to(dtype).contiguous(memory_format=memory_format)
+    x_eval = step_data(case, STEPS)[0][rows].to(device, dtype)
     with recorded_collectives() as eval_log:
-        eval_output = layer(x_eval)
+        eval_output = layer(x_eval.contiguous(memory_format=memory_format))
     eval_collectives = [(c.name, c.numel) for c in eval_log]
     return {
         "steps": steps,
-        "eval_output": eval_output.double(),
+        "eval_output": eval_output.double().cpu(),
         "eval_collectives": eval_collectives,
     }
 

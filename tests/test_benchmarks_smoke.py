@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import accuracy, common, communication, layer_overhead, scaling
+from benchmarks import accuracy, common, communication, dispatch, gpu, layer_overhead, scaling
 from distnorm.examples import small_resnet
 from tests.multiprocess import recorded_collectives, run_on_ranks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def check_outputs(paths: dict[str, Path], name: str) -> dict:
+def check_outputs(paths: dict[str, Path], name: str, module: str | None = None) -> dict:
     """The three files exist and parse; returns the JSON payload."""
     assert set(paths) == {"json", "md", "png"}
     payload = json.loads(paths["json"].read_text())
     assert payload["benchmark"] == name
     assert payload["machine"]["torch"] and payload["machine"]["distnorm"]
-    assert payload["command"].startswith(f"python -m benchmarks.{name}")
+    assert payload["command"].startswith(f"python -m benchmarks.{module or name}")
     assert payload["records"]
     markdown = paths["md"].read_text()
     assert markdown.startswith("### ") and "\n|:---|" in markdown
@@ -34,7 +34,9 @@ def check_outputs(paths: dict[str, Path], name: str) -> dict:
     return payload
 
 
-@pytest.mark.parametrize("module", [layer_overhead, scaling, communication, accuracy])
+@pytest.mark.parametrize(
+    "module", [layer_overhead, scaling, communication, accuracy, dispatch, gpu]
+)
 def test_help(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
@@ -51,6 +53,27 @@ def test_layer_overhead(tmp_path):
     }
     for r in measured:
         assert r["ratio"] == pytest.approx(r["distnorm_ms"] / r["baseline_ms"])
+
+
+def test_dispatch(tmp_path):
+    result = dispatch.main(["--tiny", "--out", str(tmp_path)])
+    payload = check_outputs(result["paths"], "dispatch")
+    assert {(r["layer"], r["layout"]) for r in payload["records"]} == {
+        (layer, layout) for layer in dispatch.LAYERS for layout in ("contiguous", "channels_last")
+    }
+    for r in payload["records"]:
+        assert r["ops"] == sum(r["by_op"].values()) > 0 and r["host_reads"] == 0
+
+
+def test_gpu_script_runs_on_cpu(tmp_path):
+    """Its CUDA-only counts are left out on CPU; the rest is the code a GPU run executes."""
+    result = gpu.main(["--tiny", "--out", str(tmp_path)])
+    payload = check_outputs(result["paths"], "gpu_sync", module="gpu")
+    assert {r["section"] for r in payload["records"]} == {"one_device", "two_ranks"}
+    assert payload["summary"]["bandwidth"]["layer_GBps"] > 0
+    for r in payload["records"]:
+        if r["section"] == "one_device":
+            assert set(r["ratio"]) == set(gpu.ONE_DEVICE[1:])
 
 
 def test_scaling(tmp_path):

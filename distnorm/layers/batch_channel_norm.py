@@ -1,85 +1,37 @@
 """Batch-Channel Normalization: a batch part with estimated statistics, then a channel part.
 
 Maths: Qiao, Wang, Liu, Shen & Yuille, "Micro-Batch Training with Batch-Channel
-Normalization and Weight Standardization" (arXiv:1903.10520; BCN first appeared in their
-arXiv:1911.09738), Algorithm 1, "Micro-Batch BCN", as the official code
-(github.com/joe-siyuan-qiao/Batch-Channel-Normalization, ``EstBN`` and ``BCNorm`` in its
-README) computes it. For an input X of shape (N, C, *) with m = N * prod(*) values per
-channel c, estimates mu_hat, sigma_hat^2 (C each) and a moving rate r::
+Normalization and Weight Standardization" (arXiv:1903.10520), Algorithm 1, "Micro-Batch
+BCN", as the official code (``EstBN`` and ``BCNorm``) computes it. With estimates
+``mu_hat, sigma_hat^2`` and moving rate r, in training the batch's statistics first move
+the estimates (no gradient through them), about the *old* estimate::
 
-    batch part, training: update the estimates (no gradient flows through them)
-        mu_c       = 1/m * sum X[:, c]                          the batch's mean
-        s_c^2      = 1/m * sum (X[:, c] - mu_hat_c)^2           about the OLD estimate
-        mu_hat_c      <- mu_hat_c      + r * (mu_c   - mu_hat_c)
-        sigma_hat_c^2 <- sigma_hat_c^2 + r * (s_c^2  - sigma_hat_c^2)
-    batch part, train and eval: normalize with the (just updated) estimates
-        Z[:, c] = gamma_c * (X[:, c] - mu_hat_c) / sqrt(sigma_hat_c^2 + eps) + beta_c
-    channel part: group normalization of each sample over G groups of C/G channels
-        (Wu & He 2018, Eq. 1-3), with one affine pair per GROUP (G weights, G biases)
-        Y[n, g] = gamma'_g * (Z[n, g] - mean(Z[n, g])) / sqrt(var(Z[n, g]) + eps) + beta'_g
+    mu_hat += r (mean(X_c) - mu_hat),   sigma_hat^2 += r (mean((X_c - mu_hat)^2) - sigma_hat^2)
+    Z_c = gamma_c (X_c - mu_hat_c) / sqrt(sigma_hat_c^2 + eps) + beta_c        (batch part)
+    Y_ng = gamma'_g (Z_ng - mean(Z_ng)) / sqrt(var(Z_ng) + eps) + beta'_g       (GroupNorm)
 
-The order is the paper's and the official code's: the batch's statistics move the estimates
-first, and the batch is normalized with the updated ones. In eval mode the estimates stay
-as they are and the maths is otherwise the same. With ``estimated=False`` ("large-batch
-BCN", the official ImageNet and DeepLab code) the batch part is ordinary BatchNorm: here
-:class:`~distnorm.layers.SyncBatchNorm`'s core, so it spans the process group.
+In eval the estimates stay as they are. ``estimated=False`` ("large-batch BCN") makes the
+batch part ordinary BatchNorm: :class:`SyncBatchNorm`'s core, over the process group. The
+estimates are the ``running_mean``/``running_var`` buffers (``group_weight``/``group_bias``
+are the additions to BatchNorm's keys); r defaults to 0.1, BatchNorm's momentum.
 
-The estimates are the ``running_mean``/``running_var`` buffers, so a BatchNorm checkpoint's
-keys are a subset of this layer's (``group_weight`` and ``group_bias`` are the additions),
-and a BatchNorm converted to BCN starts from its running statistics. Both eps are ``eps``
-(the official code hard-codes 1e-5 in the batch part, the default here). The official code
-keeps r in a buffer (``estbn_moving_speed``) initialized to 0 that nothing in the
-repository sets; the default r = 0.1 here is BatchNorm's momentum, the role r plays.
+Guarantees: the estimates move with the statistics of the whole group's batch, from one
+all-reduce of ``2C + 1`` values, identical on every rank, exact for uneven and empty
+batches; a mismatched or non-finite batch leaves them as they were (SyncBatchNorm's
+device-side checks). Micro-batch mode has no backward collective: the channel part is per
+sample. fp32 statistics for half inputs; output in the input's dtype and memory format;
+eval equals :meth:`BatchChannelNorm.to_torch` (BatchNorm then GroupNorm) bit for bit.
 
-What it guarantees:
-
-* Distributed micro-batch training updates the estimates from the statistics of the whole
-  process group's batch: every rank sends ``[sum(X - mu_hat), sum((X - mu_hat)^2), m]``
-  (``2C + 1`` values, whatever the world size) in ONE all-reduce, so the update equals
-  the single-process update on the concatenated batch, for uneven and empty per-rank
-  batches, and every rank holds bit-identical estimates (all apply the same arithmetic to
-  the same summed values). A batch that is empty on every rank leaves the estimates as
-  they are, without a host synchronization. Sums about the old estimate rather than of
-  X itself are the "shifted data" formula (Chan, Golub & LeVeque 1983): mu_c - mu_hat_c
-  comes out directly and no large mean cancels in fp32.
-* A batch whose sums are not finite (a NaN or Inf on any rank) leaves the estimates as
-  they are and is not counted, on every rank alike, with or without peers; it is
-  reported as ``nonfinite`` says (SyncBatchNorm's: warn once per process, raise, or skip
-  silently; reporting reads one flag on the host). The collective carries SyncBatchNorm's
-  mismatch check (``check_sync``).
-* No backward collective in micro-batch mode: the estimates carry no gradient and the
-  channel part normalizes each sample by itself, so a rank's output depends only on its
-  own samples and the parameters; the input gradient is local and the parameter
-  gradients are this rank's share, which DDP (or the user) sums like any other.
-* Large-batch mode inherits SyncBatchNorm's guarantees for the batch part.
-* Statistics in fp32 for half-precision inputs (fp64 for fp64 inputs), including the
-  communication and the whole micro-batch path; output in the input's dtype and memory
-  format (``channels_last`` is preserved); in micro-batch training a half-precision input's
-  gradient is rounded to its dtype twice (SyncBatchNorm's note). In large-batch mode the
-  batch part's output is the input's dtype, as SyncBatchNorm returns it, before the channel
-  part.
-* Eval mode computes exactly what :meth:`BatchChannelNorm.to_torch` (torch's BatchNorm
-  followed by torch's GroupNorm) computes, bit for bit for inputs of the layer's dtype:
-  the same kernels on the same values.
-
-What it costs: in micro-batch training, one all-reduce of ``2C + 1`` values per step (none
-for a group of one rank or in eval mode; 9 more with the mismatch check), and the passes of a
-single BatchNorm, not of a BatchNorm and a GroupNorm: the batch part is a per-channel affine
-with constant statistics, so the channel part's per-sample group statistics follow from each
-(sample, channel) cell's mean and variance, and both parts together are one affine per cell
-(:class:`_EstimatedBatchChannelNormFunction`): forward, one moments pass (which also feeds
-the estimates' update) and one affine pass; backward, one pass for the cells' gradient sums
-and one for the input gradient. Each pass is a torch BatchNorm kernel run on the input
-viewed as ``(1, N*C, *)``; a channels_last input is copied to that order and the output
-back. Eval mode and large-batch mode run torch's BatchNorm and GroupNorm kernels one after
-the other (large-batch: SyncBatchNorm's core and its collectives, then the GroupNorm).
-The layer-overhead benchmark has the measured figures.
+Cost, micro-batch training: that one all-reduce, and BatchNorm's passes rather than a
+BatchNorm's and a GroupNorm's: the batch part is a per-channel affine with constant
+statistics, so the GroupNorm statistics follow from each (sample, channel) cell's moments
+and both parts are one affine per cell (:class:`_EstimatedBatchChannelNormFunction`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +49,37 @@ from distnorm.layers.sync_batchnorm import SyncBatchNorm, _SyncState
 DEFAULT_ESTIMATE_RATE = 0.1
 
 
+class _Constants(NamedTuple):
+    """The constant tensors of one batch shape's micro-batch BCN call, made once: group
+    sums and means as matrix products over the C channels, and ones for the kernels."""
+
+    average: Tensor  # (C, C): 1 / (C/G) where two channels share a group
+    group_mean: Tensor  # (C, G): 1 / (C/G) where channel c is in group g
+    negative_group_mean: Tensor  # (C, G): the same times -1/L (L: values per cell)
+    membership: Tensor  # (C, G): 1 where channel c is in group g
+    cell_ones: Tensor  # (N * C,)
+    lengths: Tensor  # (1, N): L each, the cells' value counts for the estimates' sums
+    eps: Tensor  # () the channel part's eps
+
+
+def _constants(state: _SyncState, batch: int, length: int, groups: int, eps: float) -> _Constants:
+    def make(like: Tensor) -> _Constants:
+        membership = state.membership(groups)
+        per_group = membership.size(0) // groups
+        group_mean = membership / per_group
+        return _Constants(
+            average=group_mean @ membership.T,
+            group_mean=group_mean,
+            negative_group_mean=group_mean * (-1.0 / max(length, 1)),
+            membership=membership,
+            cell_ones=like.new_ones(batch * membership.size(0)),
+            lengths=like.new_full((1, batch), float(length)),
+            eps=like.new_tensor(eps),
+        )
+
+    return state.constant("bcn", (batch, length, groups, eps), make)
+
+
 class _EstimatedBatchChannelNormFunction(torch.autograd.Function):
     """Micro-batch BCN in training, both parts in one pass each way.
 
@@ -105,9 +88,10 @@ class _EstimatedBatchChannelNormFunction(torch.autograd.Function):
     batch part is a per-channel affine ``z = s x + t`` with constant statistics, so a cell's
     z has mean ``s m + t`` and variance ``s^2 v``: the channel part's group statistics
     follow from the cells', and the output is one per-cell affine of x. Backward needs the
-    per-cell sums of ``g`` and ``g (x - m)`` (one pass, which also gives ``g * scale``) and
-    one affine pass; the rest is arithmetic on (N, C) tensors, viewed as (N, G, C/G) where
-    a value per group meets values per channel, and group sums as matrix products.
+    per-cell sums of ``g`` and ``g (x - m)`` (one pass) and the input gradient
+    (:func:`kernels.scaled_grad_plus_affine`); the rest is arithmetic on (N, C) tensors,
+    viewed as (N, G, C/G) where a value per group meets values per channel, and group sums
+    as matrix products.
     """
 
     @staticmethod
@@ -118,19 +102,19 @@ class _EstimatedBatchChannelNormFunction(torch.autograd.Function):
         bias: Tensor | None,
         group_weight: Tensor | None,
         group_bias: Tensor | None,
-        state: _SyncState,
+        constants: _Constants,
         estimates: tuple[Tensor, Tensor],
         cell_moments: tuple[Tensor, Tensor],
-        groups: int,
         eps: float,
     ) -> Tensor:
         estimate_mean, estimate_var = estimates
         cell_mean, cell_var = cell_moments  # (N, C)
+        dtype = cell_mean.dtype
         weight, bias, group_weight, group_bias = (
-            kernels.as_stats(p, cell_mean.dtype) for p in (weight, bias, group_weight, group_bias)
+            kernels.as_stats(p, dtype) for p in (weight, bias, group_weight, group_bias)
         )
         batch, channels = cell_mean.shape
-        grouped = (batch, groups, channels // groups)
+        groups = constants.group_mean.size(1)
 
         # Batch part: z = s x + t, s = gamma * rsqrt(sigma_hat^2 + eps), t = beta - mu_hat s.
         rstd = torch.rsqrt(estimate_var + eps)
@@ -143,27 +127,26 @@ class _EstimatedBatchChannelNormFunction(torch.autograd.Function):
         # Channel part, GroupNorm of z per sample and group (Wu & He 2018, Eq. 1-3), from
         # the cells' moments of z: mean s m + t, variance s^2 v; rstd_g per (sample, group).
         z_mean = torch.addcmul(batch_shift, cell_mean, batch_scale)
-        z_deviation = torch.addmm(z_mean, z_mean, _group_average(state, groups), alpha=-1)
+        z_deviation = torch.addmm(z_mean, z_mean, constants.average, alpha=-1)
         spread = torch.addcmul(z_deviation.square(), cell_var, batch_scale.square())
-        eps_tensor = state.constant("eps", eps, lambda like: like.new_tensor(eps))
-        group_rstd = torch.addmm(eps_tensor, spread, _group_mean(state, groups)).rsqrt_()
+        group_rstd = torch.addmm(constants.eps, spread, constants.group_mean).rsqrt_()
         gamma_rstd = group_rstd if group_weight is None else group_rstd * group_weight
         # y = gamma' (z - mean_g) rstd_g + beta' = (x - m) * scale + offset, per cell.
-        per_group = gamma_rstd.view(batch, groups, 1)
-        scale = (per_group * batch_scale.view(grouped[1:])).view(batch, channels)
-        deviation = z_deviation.view(grouped)
+        per_group = gamma_rstd.unsqueeze(2)
+        deviation = z_deviation.view(batch, groups, channels // groups)
+        scale = per_group * batch_scale.view(groups, channels // groups)
         if group_bias is None:
             offset = per_group * deviation
         else:
-            offset = torch.addcmul(group_bias.view(groups, 1), per_group, deviation)
+            offset = torch.addcmul(group_bias.unsqueeze(1), per_group, deviation)
+        centre = cell_mean.view(-1)
         output = kernels.channel_affine(
-            cells, cell_mean.view(-1), scale.view(-1), offset.view(-1),
-            _cell_ones(state, cell_mean.numel()),
-        )  # fmt: skip
+            cells, centre, scale.view(-1), offset.view(-1), constants.cell_ones
+        )
         centred = None if weight is None else cell_mean - estimate_mean
         ctx.save_for_backward(cells, cell_mean, cell_var, rstd, batch_scale, z_deviation,
                               group_rstd, gamma_rstd, scale, centred)  # fmt: skip
-        ctx.state, ctx.groups = state, groups
+        ctx.constants = constants
         ctx.affine = group_weight is not None
         return output
 
@@ -171,91 +154,58 @@ class _EstimatedBatchChannelNormFunction(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_output: Tensor
     ) -> tuple[Tensor | None, ...]:
-        with kernels.full_precision(grad_output):
-            return _EstimatedBatchChannelNormFunction._backward(ctx, grad_output)
-
-    @staticmethod
-    def _backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         (cells, cell_mean, cell_var, rstd, batch_scale, z_deviation, group_rstd, gamma_rstd,
          scale, centred) = ctx.saved_tensors  # fmt: skip
-        state: _SyncState = ctx.state
+        constants: _Constants = ctx.constants
         health.MONITOR.at_backward()
-        batch, channels = cell_mean.shape
-        groups, length = ctx.groups, cells.size(2)
-        grouped = (batch, groups, channels // groups)
-        ones = _cell_ones(state, cell_mean.numel())
-        # g * scale, and per cell sum(g (x - m)) and sum(g), in one pass.
-        grad_input, sum_grad_centred, sum_grad = kernels.eval_backward(
-            grad_output, cells, cell_mean.view(-1), ones, scale.view(-1), 0.0
-        )
-        sum_grad_centred, sum_grad = (
-            sum_grad_centred.view(cell_mean.shape),
-            sum_grad.view(cell_mean.shape),
-        )
-        # Per cell sum(g zhat) / rstd_g, zhat the channel part's normalized z; per (sample,
-        # group) their means over the group's values, times -1 (one matrix product).
-        sum_grad_zhat = torch.addcmul(batch_scale * sum_grad_centred, z_deviation, sum_grad)
-        mean_grad, mean_grad_zhat = torch.stack((sum_grad, sum_grad_zhat)) @ _group_mean(
-            state, groups, -1.0 / length
-        )
-        # GroupNorm's backward, dz = rstd_g (dzhat - mean_g(dzhat) - zhat mean_g(dzhat zhat)),
-        # dzhat = gamma' g, means over a sample's group; dx = s dz per cell:
-        #   dx = g * scale + (x - m) * slope + constant.
-        correction = (mean_grad_zhat * group_rstd.square()).view(batch, groups, 1)
-        centred_mean = torch.addcmul(
-            mean_grad.view(batch, groups, 1), z_deviation.view(grouped), correction
-        )
-        scaled_correction = batch_scale.view(grouped[1:]) * correction
-        slope = scale.view(grouped) * scaled_correction
-        constant = scale.view(grouped) * centred_mean
-        grad_input.add_(kernels.channel_affine(
-            cells, cell_mean.view(-1), slope.view(-1), constant.view(-1), ones
-        ))  # fmt: skip
-        if not ctx.affine:
-            return (grad_input, None, None, None, None, None, None, None, None, None)
+        shape = cell_mean.shape
+        length = cells.size(2)
+        with kernels.full_precision(grad_output):
+            # Per cell sum(g (x - m)) and sum(g), in one pass.
+            centre, ones = cell_mean.view(-1), constants.cell_ones
+            sum_grad_centred, sum_grad = (
+                sums.view(shape)
+                for sums in kernels.grad_sums(grad_output, cells, centre, ones, ones)
+            )
+            # Per cell sum(g zhat) / rstd_g, zhat the channel part's normalized z; per (sample,
+            # group) their means over the group's values, times -1 (one matrix product).
+            sum_grad_zhat = torch.addcmul(batch_scale * sum_grad_centred, z_deviation, sum_grad)
+            mean_grad, mean_grad_zhat = (
+                torch.stack((sum_grad, sum_grad_zhat)) @ constants.negative_group_mean
+            ).unsqueeze(3)
+            # GroupNorm's backward, dz = rstd_g (dzhat - mean_g(dzhat) - zhat mean_g(dzhat
+            # zhat)), dzhat = gamma' g, means over a sample's group; dx = s dz per cell:
+            #   dx = g * scale + (x - m) * slope + constant.
+            correction = mean_grad_zhat * group_rstd.square().unsqueeze(2)
+            deviation = z_deviation.view(scale.shape)
+            centred_mean = torch.addcmul(mean_grad, deviation, correction)
+            scaled_correction = batch_scale.view(scale.shape[1:]) * correction
+            slope = scale * scaled_correction
+            constant = scale * centred_mean
+            grad_input = kernels.scaled_grad_plus_affine(
+                grad_output, scale.view(-1), cells, centre, slope.view(-1),
+                constant.view(-1), ones,
+            )  # fmt: skip
+            if not ctx.affine:
+                return (grad_input, None, None, None, None, None, None, None, None)
 
-        # Per cell sum(dz) and sum(dz (x - m)); then the batch part's affine gradients,
-        # dz/dbeta = 1 and dz/dgamma = rstd (x - mu_hat); the channel part's, per group.
-        per_group = gamma_rstd.view(batch, groups, 1)
-        sum_dz = per_group * torch.add(sum_grad.view(grouped), centred_mean, alpha=length)
-        sum_dz_centred = per_group * torch.addcmul(
-            sum_grad_centred.view(grouped), scaled_correction, cell_var.view(grouped),
-            value=length,
-        )  # fmt: skip
-        sum_dz = sum_dz.view(batch, channels)
-        sum_dz_estimate = torch.addcmul(sum_dz_centred.view(batch, channels), centred, sum_dz)
-        grad_zhat = (group_rstd.view(batch, groups, 1) * sum_grad_zhat.view(grouped)).view(
-            batch, channels
-        )
-        sums = torch.stack((grad_zhat, sum_grad, sum_dz_estimate, sum_dz)).sum(dim=1)
-        grad_group_weight, grad_group_bias = sums[:2] @ state.membership(groups)
-        grad_weight = sums[2] * rstd
+            # Per cell sum(dz) and sum(dz (x - m)); then the batch part's affine gradients,
+            # dz/dbeta = 1 and dz/dgamma = rstd (x - mu_hat); the channel part's, per group.
+            per_group = gamma_rstd.unsqueeze(2)
+            grouped = scale.shape
+            sum_dz = per_group * torch.add(sum_grad.view(grouped), centred_mean, alpha=length)
+            sum_dz_centred = per_group * torch.addcmul(
+                sum_grad_centred.view(grouped), scaled_correction, cell_var.view(grouped),
+                value=length,
+            )  # fmt: skip
+            sum_dz = sum_dz.view(shape)
+            sum_dz_estimate = torch.addcmul(sum_dz_centred.view(shape), centred, sum_dz)
+            grad_zhat = (group_rstd.unsqueeze(2) * sum_grad_zhat.view(grouped)).view(shape)
+            sums = torch.stack((grad_zhat, sum_grad, sum_dz_estimate, sum_dz)).sum(dim=1)
+            grad_group_weight, grad_group_bias = sums[:2] @ constants.membership
+            grad_weight = sums[2] * rstd
         return (grad_input, grad_weight, sums[3], grad_group_weight, grad_group_bias,
-                None, None, None, None, None)  # fmt: skip
-
-
-def _group_average(state: _SyncState, groups: int) -> Tensor:
-    """(C, C): 1 / (C/G) where two channels are in the same group, else 0."""
-    channels = state.ones.numel()
-
-    def make(like: Tensor) -> Tensor:
-        member = state.membership(groups)
-        return member @ member.T / (channels // groups)
-
-    return state.constant("group_average", groups, make)
-
-
-def _group_mean(state: _SyncState, groups: int, scale: float = 1.0) -> Tensor:
-    """(C, G): ``scale / (C/G)`` where channel c is in group g, else 0."""
-    per_group = state.ones.numel() // groups
-    kind = "group_mean" if scale == 1.0 else "scaled_group_mean"
-    return state.constant(
-        kind, (groups, scale), lambda like: state.membership(groups) * (scale / per_group)
-    )
-
-
-def _cell_ones(state: _SyncState, cells: int) -> Tensor:
-    return state.constant("cell_ones", cells, lambda like: like.new_ones(cells))
+                None, None, None, None)  # fmt: skip
 
 
 class BatchChannelNorm(SyncBatchNorm):
@@ -376,15 +326,12 @@ class BatchChannelNorm(SyncBatchNorm):
         assert self.running_mean is not None and self.running_var is not None
         batch, channels = input.shape[:2]
         cells = input.contiguous().view(1, batch * channels, math.prod(input.shape[2:]))
+        length = cells.size(2)
         state = self._sync_state(input, channels, self._sync_group(), shifted=False)
-        scratch = state.constant("cell_scratch", cells.size(1),
-                                 lambda like: like.new_zeros(2, cells.size(1)))  # fmt: skip
-        cell_mean, cell_var = (m.view(batch, channels) for m in
-                               kernels.channel_moments(cells.detach(), scratch))  # fmt: skip
-        self._update_estimates(state, cell_mean, cell_var, cells.size(2))
-        for make in (_group_average, _group_mean):  # made now, not inside the Function
-            make(state, self.num_groups)
-        _group_mean(state, self.num_groups, -1.0 / cells.size(2)), _cell_ones(state, cells.size(1))
+        constants = _constants(state, batch, length, self.num_groups, self.eps)
+        cell_mean, cell_var = kernels.channel_moments(cells.detach(), state.scratch_for(cells))
+        cell_mean, cell_var = cell_mean.view(batch, channels), cell_var.view(batch, channels)
+        self._update_estimates(state, constants, cell_mean, cell_var)
         # The Function reads the estimates in forward and saves only what it derives: a
         # later call may update them in place before this call's backward.
         estimates = (self.running_mean.to(cell_mean.dtype), self.running_var.to(cell_mean.dtype))
@@ -394,10 +341,9 @@ class BatchChannelNorm(SyncBatchNorm):
             self.bias,
             self.group_weight,
             self.group_bias,
-            state,
+            constants,
             estimates,
             (cell_mean, cell_var),
-            self.num_groups,
             self.eps,
         ).view(input.shape)
         if input.is_contiguous():
@@ -418,7 +364,7 @@ class BatchChannelNorm(SyncBatchNorm):
 
     @torch.no_grad()
     def _update_estimates(
-        self, state: _SyncState, cell_mean: Tensor, cell_var: Tensor, length: int
+        self, state: _SyncState, constants: _Constants, cell_mean: Tensor, cell_var: Tensor
     ) -> None:
         """``mu_hat += r (mu - mu_hat)``, ``sigma_hat^2 += r (s^2 - sigma_hat^2)`` with the
         statistics of the whole group's batch, from one all-reduce of 2C + 1 values, and the
@@ -434,10 +380,8 @@ class BatchChannelNorm(SyncBatchNorm):
         centred = torch.empty((2, batch, channels), dtype=cell_mean.dtype, device=cell_mean.device)
         torch.sub(cell_mean, self.running_mean, out=centred[0])
         torch.addcmul(cell_var, centred[0], centred[0], out=centred[1])
-        lengths = state.constant("lengths", (batch, length),
-                                 lambda like: like.new_full((1, batch), float(length)))  # fmt: skip
         buffer = channel.new_buffer()
-        torch.matmul(lengths, centred, out=buffer[: 2 * channels].view(2, 1, channels))
+        torch.matmul(constants.lengths, centred, out=buffer[: 2 * channels].view(2, 1, channels))
         summed = channel.all_reduce(buffer, "forward")
         steps = summed[:-1].view(2, channels) / summed[-1]  # mu - mu_hat, s^2
         steps[1].sub_(self.running_var)  # s^2 - sigma_hat^2
@@ -445,7 +389,7 @@ class BatchChannelNorm(SyncBatchNorm):
         nonfinite.addmv_(state.zeros, summed[:-1])
         ok = torch.eq(mismatch, nonfinite).view(())
         self.num_batches_tracked.add_(ok)
-        if batch * length == 0:  # maybe empty on every rank: then the steps are 0 / 0
+        if cell_mean.numel() == 0:  # maybe empty on every rank: then the steps are 0 / 0
             ok = ok & summed[-1].gt(0)
         steps = torch.where(ok, steps, state.zero)
         torch._foreach_add_(

@@ -1,72 +1,28 @@
 """Batch Group Normalization: BatchNorm statistics pooled over groups of channels, synchronized.
 
 Maths: Zhou et al. (2020), "Batch Group Normalization", arXiv:2012.02782. The input
-``(N, C, *)`` is viewed as ``(N, G, S)`` with ``S = C/G * prod(*)``, and each group ``g`` is
-normalized with the mean and variance of all its ``N * S`` values (every sample, the group's
-``C/G`` channels, every position), then re-scaled and re-shifted per *channel*::
+``(N, C, *)`` is viewed as ``(N, G, S)``, ``S = C/G * prod(*)``; each group is normalized
+with the mean and variance of its ``N * S`` values, then re-scaled per *channel*::
 
-    mu_g      = 1/(N S) * sum_{n,s} x_{n,g,s}
-    sigma_g^2 = 1/(N S) * sum_{n,s} (x_{n,g,s} - mu_g)^2
     y_{n,c,p} = gamma_c * (x_{n,c,p} - mu_g) / sqrt(sigma_g^2 + eps) + beta_c,   g = c // (C/G)
 
-which is BatchNorm's transform (Ioffe & Szegedy 2015, Algorithm 1) over larger sets.
+BatchNorm's transform (Ioffe & Szegedy 2015, Algorithm 1) over larger sets: ``G = C`` is
+BatchNorm, ``G = 1`` pools every channel. Groups are whole consecutive channels (G divides
+C); the default ``num_groups=None`` is GroupNorm's 32 reduced to a divisor of C with at
+least two channels per group (:func:`~distnorm.layers.group_norm.choose_num_groups`).
 
-Why: a channel's ``N * prod(*)`` values give noisy statistics when the batch is small; pooling
-``C/G`` channels multiplies that count without adding a parameter. G is the paper's knob for
-"the number of feature instances used for statistic calculation" (abstract): ``G = C`` is
-BatchNorm exactly, ``G = 1`` normalizes over everything in the batch.
+Guarantees: it is :class:`SyncBatchNorm`'s core with one statistic per group, so all of
+SyncBatchNorm's guarantees hold per group (exact statistics of the group's concatenated
+batch for uneven and empty batches, shifted sums, fp32 statistics for half inputs,
+device-side mismatch and non-finite checks). Running statistics hold G values under
+BatchNorm's keys; in eval the layer is torch's BatchNorm with them expanded to channels
+(:meth:`BatchGroupNorm.channel_running_stats`), which is how it is exported. In one process,
+contiguous inputs of up to 4M values take torch's kernel on the ``(N, G, S)`` view instead
+(torch's NaN semantics there, as SyncBatchNorm without peers).
 
-Groups and the default G. Groups are made of whole consecutive channels, so G must divide C:
-then the running statistics are per group of channels, independent of the input's spatial
-size, and expand to per-channel ones (see below). The default ``num_groups=None`` takes the
-grouping BGN borrows from Group Normalization ("the group technique in GN is used",
-abstract): GN's 32 groups, reduced to a divisor of C with at least two channels per group
-(:func:`distnorm.layers.group_norm.choose_num_groups`), so that the default never silently
-degenerates to plain BatchNorm (``G = C``). The paper tunes G with the batch size; pass it
-explicitly to follow a particular setting.
-
-What it guarantees: it is :class:`SyncBatchNorm`'s core with one statistic per group instead
-of per channel (the same autograd Function, whose backward sums the gradient terms over each
-group's channels before its collective), so everything SyncBatchNorm guarantees holds per
-group. Statistics of the concatenated batch of every rank in ``process_group``, exactly, for
-uneven and empty per-rank batches; a shifted-data variance that stays accurate when
-``|mean| >> std``; fp32 statistics and communication for fp16/bf16 inputs (fp64 for fp64);
-running statistics updated as ``nn.BatchNorm`` updates them (momentum, unbiased over the
-global count, cumulative when ``momentum=None``); mismatched calls across ranks caught
-(``check_sync``) and non-finite batches kept out of the running statistics
-(``nonfinite``), as SyncBatchNorm does. Each rank's weight and bias gradients are its own
-share, which DDP sums like any parameter's. The output has the input's dtype and memory
-format, computed in one kernel pass with the group statistics spread over the channels and
-the per-channel affine folded in.
-
-In one process (no peers) the statistics are the same, computed one of two ways, whichever
-is faster for the input (:func:`distnorm.layers.sync_batchnorm._kernel_is_faster`): for
-contiguous inputs of up to 4M values, torch's BatchNorm kernel on the input viewed as
-``(N, G, C/G * prod(*))``, whose channels are the groups, then the kernel's inference pass
-for the per-channel affine; for larger or channels-last inputs, the synchronized path
-above over this process alone. The first has torch's semantics for a non-finite batch (the
-running statistics take it, as ``nn.BatchNorm``'s do, and ``nonfinite`` does not apply, as
-for SyncBatchNorm without peers); the second keeps the batch out and reports it.
-
-Running statistics are one mean and variance per group, stored under BatchNorm's keys
-(``running_mean``/``running_var`` hold G values, ``weight``/``bias`` C). In eval the layer
-normalizes with them expanded to channels, :meth:`BatchGroupNorm.channel_running_stats`,
-through torch's own BatchNorm kernel: a plain ``nn.BatchNorm`` holding the expanded
-statistics gives the same eval output bit for bit, which is how a trained BatchGroupNorm is
-exported. Converting a trained BatchNorm the other way (:meth:`_init_group_state`) starts
-each group from its channels' statistics: the mean of their means, and by the law of total
-variance the mean of their variances plus the (population) variance of their means.
-
-What it costs: one all-reduce each way, of ``2G + 1`` values forward and ``2G`` backward
-(plus ``G + 1`` once, on a layer's first training call, to agree on the shift), whatever
-the world size: less than SyncBatchNorm's ``2C + 1`` and ``2C`` for the same layer. The
-mismatch check (on by default) pads each to ``2G + 1`` values and adds its 9-value tag.
-The passes over the data are SyncBatchNorm's, those of torch's own BatchNorm kernels, in
-any memory format, plus a few dozen operations on C-sized vectors per call, a fixed cost
-of some 0.4 ms on CPU that dominates small inputs. In one process, small contiguous inputs
-avoid that cost with two passes more (torch's kernel twice each way); the layer-overhead
-benchmark has the figures. In eval it is one pass of torch's kernel and no communication;
-with ``G = C`` it *is* SyncBatchNorm, bit for bit.
+Cost: one all-reduce each way of ``2G + 1`` values (and the tag), whatever the world size;
+SyncBatchNorm's passes over the data, and a published number of operations on C-sized
+vectors (``benchmarks/dispatch.py``).
 """
 
 from __future__ import annotations

@@ -5,20 +5,24 @@ ranks, pooled over groups of channels, estimated) needs the same few passes over
 
     moments     mean_c = 1/m sum x,   var_c = 1/m sum (x - mean_c)^2
     affine      y = (x - mu_c) * a_c + b_c
-    backward    g * gamma_c * invstd_c,  sum g,  sum g * (x - mu_c) * invstd_c
-    (CUDA)      the same, and the synchronized input gradient, by nn.SyncBatchNorm's kernels
+    grad sums   sum g,  sum g * (x - mu_c) * invstd_c
+    grad input  dx = g * a_c + (x - mu_c) * p_c + q_c
+    (CUDA)      per channel, the affine and the input gradient by nn.SyncBatchNorm's kernels
 
 torch's BatchNorm kernels make exactly these passes, vectorized, in any memory format, for
 half-precision activations with fp32 vectors, once handed the vectors as "running
 statistics", "weight" and "bias": the moments kernel with momentum 0, the inference kernel
-with running variance 1 and eps 0 (``(x - mu) / sqrt(1 + 0) * a + b``), the eval-mode
-backward kernel with the batch's mean and variance as running statistics. Elementwise torch
+with running variance 1 and eps 0 (``(x - mu) / sqrt(1 + 0) * a + b``), the training
+backward kernel with ``mu`` and ``invstd`` as the saved statistics. Elementwise torch
 expressions would be several passes each, and much slower for bf16 activations mixed with
 fp32 vectors. Vectors are dense (never a stride-0 expanded view, which the kernels misread)
 and in the statistics' dtype: fp32 for half and fp32 activations, fp64 for fp64.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +42,14 @@ def as_stats(parameter: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return parameter.to(dtype)
 
 
-def full_precision(tensor: Tensor) -> torch.autocast:
-    """A context with autocast off for ``tensor``'s device: the statistics' matrix products
-    and vector arithmetic must not be cast to half precision by a caller's autocast."""
-    return torch.autocast(tensor.device.type, enabled=False)
+def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """A context with autocast off for ``tensor``'s device, when it is on: the statistics'
+    matrix products and vector arithmetic must not be cast to half precision by a
+    caller's autocast."""
+    device = tensor.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
 
 
 def channel_moments(input: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -81,19 +89,32 @@ def normalize(
     return F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)
 
 
-def eval_backward(
-    grad: Tensor, input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, eps: float,
-    needs_input: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """``grad * weight * invstd`` (undefined unless ``needs_input``), ``sum(grad * xhat)``
-    and ``sum(grad)`` per channel, ``xhat = (input - mean) * invstd``, ``invstd = (var +
-    eps)^-1/2``, in one pass: BatchNorm's eval-mode backward kernel with the batch's
-    statistics as running statistics. ``weight`` must be a tensor (ones for none): the
-    CUDA kernel cannot return parameter gradients without one."""
+def grad_sums(
+    grad: Tensor, input: Tensor, centre: Tensor, invstd: Tensor, ones: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per channel ``sum(grad * (input - centre) * invstd)`` and ``sum(grad)``, in one pass:
+    the training backward kernel asked only for its weight and bias gradients, with
+    ``centre`` and ``invstd`` as the saved statistics. ``ones`` (a weight tensor) because
+    the CUDA kernel cannot return those gradients without one."""
     if input.numel() == 0:
-        zeros = torch.zeros_like(mean)
-        return torch.empty_like(grad), zeros, zeros.clone()
-    empty = mean.new_empty(0)
-    return torch.ops.aten.native_batch_norm_backward(
-        grad, input, weight, mean, var, empty, empty, False, eps, [needs_input, True, True]
+        zeros = torch.zeros_like(centre)
+        return zeros, zeros.clone()
+    _, sum_scaled, sum_grad = torch.ops.aten.native_batch_norm_backward(
+        grad, input, ones, None, None, centre, invstd, True, 0.0, [False, True, True]
     )
+    return sum_scaled, sum_grad
+
+
+def scaled_grad_plus_affine(
+    grad: Tensor, grad_scale: Tensor, input: Tensor, centre: Tensor, slope: Tensor,
+    constant: Tensor, ones: Tensor,
+) -> Tensor:  # fmt: skip
+    """``grad * grad_scale + (input - centre) * slope + constant`` per channel, in the
+    input's dtype: the input gradient of every layer here. Two passes for fp32/fp64 (the
+    affine, then a fused multiply-add in place); for half precision the affine kernel on
+    ``grad`` too and an add (an elementwise product of a half tensor and an fp32 vector
+    would be a slow mixed-dtype loop on CPU)."""
+    result = channel_affine(input, centre, slope, constant, ones)
+    if result.dtype == grad_scale.dtype:
+        return result.addcmul_(grad, grad_scale.view([1, -1] + [1] * (grad.dim() - 2)))
+    return result.add_(channel_affine(grad, torch.zeros_like(centre), grad_scale, None, ones))

@@ -33,7 +33,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,8 @@ NONFINITE_POLICIES = ("warn", "raise", "skip")
 # Above this many values, a grouped BatchNorm in one process is faster fused than as torch's
 # kernel on the grouped view (benchmarks/results/layer_overhead.md has the crossing).
 GROUPED_KERNEL_MAX_VALUES = 1 << 22
+
+T = TypeVar("T")
 
 # Layers built directly (not named by convert_model) are told apart by construction order.
 _unnamed_layers = itertools.count()
@@ -96,7 +98,7 @@ class _SyncState(health.Reporter):
         # call on they are the graph's inputs, and the backward checks again.
         self.traced = torch.compiler.is_compiling()
         self._like = like
-        self._constants: dict[str, tuple[Hashable, Tensor]] = {}
+        self._constants: dict[str, tuple[Hashable, Any]] = {}
 
     def prepare(self, input: Tensor) -> None:
         """Everything a training call on ``input`` reads besides the input, made before the
@@ -108,7 +110,7 @@ class _SyncState(health.Reporter):
             self.membership(self.groups)
             self.membership(self.groups, input.numel() // input.size(1))
 
-    def constant(self, kind: str, key: Hashable, make: Callable[[Tensor], Tensor]) -> Tensor:
+    def constant(self, kind: str, key: Hashable, make: Callable[[Tensor], T]) -> T:
         """``make(like)`` (``like``: an empty tensor of the statistics' device and dtype),
         kept for ``kind`` until ``key`` (a batch size, a group count) changes: a constant of
         the layer's maths, made again only when the batch's shape changes."""
@@ -116,6 +118,14 @@ class _SyncState(health.Reporter):
         if kept is None or kept[0] != key:
             kept = self._constants[kind] = (key, make(self._like))
         return kept[1]
+
+    def scratch_for(self, cells: Tensor) -> Tensor:
+        """Running statistics for the moments kernel over ``cells``' dimension 1 (the
+        channels themselves, or BatchChannelNorm's sample-channel cells)."""
+        size = cells.size(1)
+        if size == self.scratch.size(1):
+            return self.scratch
+        return self.constant("scratch", size, lambda like: like.new_zeros(2, size))
 
     def membership(self, groups: int, scale: int = 1) -> Tensor:
         """(C, groups): ``scale`` where channel c is in group g (consecutive channels), else
@@ -206,12 +216,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ok = torch.eq(mismatch, nonfinite).view(())
 
         if groups == channels:
-            centre, channel_var = mean, var
+            output = kernels.normalize(input, mean, var, invstd, weight, bias, eps)
+            centre, channel_invstd = mean, invstd
+            scale = invstd if weight is None else invstd * weight
         else:
-            centre, channel_var = stats[:2].repeat_interleave(channels // groups, dim=1)
-        output = kernels.normalize(input, centre, channel_var, invstd, weight, bias, eps)
+            centre, channel_invstd = stats[::2].repeat_interleave(channels // groups, dim=1)
+            scale = channel_invstd if weight is None else channel_invstd * weight
+            output = kernels.channel_affine(input, centre, scale, bias, state.ones)
 
-        ctx.save_for_backward(input, weight, centre, channel_var, invstd)
+        ctx.save_for_backward(input, weight, centre, channel_invstd, scale, invstd)
         ctx.state, ctx.eps, ctx.call = state, eps, state.calls
         ctx.mark_non_differentiable(mean, var, total, ok)
         ctx.set_materialize_grads(False)  # no zero gradients made for those four
@@ -228,7 +241,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, centre, var, invstd = ctx.saved_tensors
+        input, weight, centre, channel_invstd, scale, invstd = ctx.saved_tensors
         state: _SyncState = ctx.state
         channel = state.channel
         channels, groups = input.size(1), state.groups
@@ -254,10 +267,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             )  # fmt: skip
             return grad_input, grad_weight, grad_bias, None, None
 
-        # g * gamma * invstd, sum(g * xhat) and sum(g) per channel, in one pass (the
-        # kernel's eval-mode backward, which also gives gamma's and beta's gradients).
-        grad_input, grad_weight, grad_bias = kernels.eval_backward(
-            grad_output, input, centre, var, gamma, ctx.eps, needs_input
+        # sum(g * xhat) and sum(g) per channel, in one pass: gamma's and beta's gradients
+        # (this rank's share: DDP sums the shares, as for any other parameter).
+        grad_weight, grad_bias = kernels.grad_sums(
+            grad_output, input, centre, channel_invstd, state.ones
         )
         # The one backward collective, per group [sum(dxhat), sum(dxhat * xhat)] with
         # dxhat = gamma * g: per channel, gamma applied after the means.
@@ -268,20 +281,21 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             weighted = member if weight is None else member * weight.view(-1, 1)
             torch.mm(torch.stack((grad_bias, grad_weight)), weighted, out=payload)
         summed = channel.all_reduce(buffer, "backward", check=not state.traced)
+        grad_input = None
         if needs_input:
             means = summed[:-1].view(2, groups) / summed[-1]
             # dx = gamma invstd g - invstd (mean(dxhat) + xhat mean(dxhat xhat)), per group:
-            #    = [g * gamma * invstd] + (x - mu) * slope + constant
-            scale = invstd if groups != channels else invstd * gamma
-            coefficients = torch.addcmul(state.zero, means, scale, value=-1)
+            #    = g * scale + (x - mu) * slope + constant
+            factor = scale if groups == channels else invstd
+            coefficients = torch.addcmul(state.zero, means, factor, value=-1)
             coefficients[1].mul_(invstd)
             if groups != channels:
                 coefficients = coefficients.repeat_interleave(channels // groups, dim=1)
-            grad_input.add_(
-                kernels.channel_affine(input, centre, coefficients[1], coefficients[0], state.ones)
+            grad_input = kernels.scaled_grad_plus_affine(
+                grad_output, scale, input, centre, coefficients[1], coefficients[0], state.ones
             )
         return (
-            grad_input if needs_input else None,
+            grad_input,
             grad_weight if needs_weight and weight is not None else None,
             grad_bias if needs_bias and weight is not None else None,
             None,
