@@ -70,7 +70,7 @@ def channel_affine(
 ) -> Tensor:
     """``(input - centre) * scale + offset`` per channel (no offset for None), in one pass,
     in the input's dtype and memory format; ``ones`` is a vector of ones of the same size."""
-    if input.numel() == 0:  # no values, maybe no channels either (an empty cell view)
+    if input.size(1) == 0:  # no channels (BatchChannelNorm's cells of an empty batch)
         return torch.empty_like(input)
     return F.batch_norm(input, centre, ones, scale, offset, False, 0.0, 0.0)
 
@@ -84,8 +84,6 @@ def normalize(
     given); else BatchNorm's inference kernel."""
     if input.is_cuda and input.numel() > 0 and invstd.numel() == mean.numel():
         return torch.batch_norm_elemt(input, weight, bias, mean, invstd, eps)
-    if input.numel() == 0:
-        return torch.empty_like(input)
     return F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps)
 
 

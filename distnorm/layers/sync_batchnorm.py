@@ -530,8 +530,9 @@ class SyncBatchNorm(_BatchNorm):
             return F.batch_norm(
                 input, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps
             )
-        # A view when the input is contiguous, which _kernel_is_faster requires in training.
-        grouped = input.reshape(input.size(0), groups, -1)
+        # A view when the input is contiguous, which _kernel_is_faster requires in training;
+        # sizes given in full, so that an empty batch has a shape too.
+        grouped = input.reshape(input.size(0), groups, math.prod(input.shape[1:]) // groups)
         normalized = F.batch_norm(
             grouped, running_mean, running_var, None, None, use_batch_stats, factor, self.eps
         ).view(input.shape)
