@@ -137,8 +137,12 @@ def convert_model(
       converted layer's channels; by default GroupNorm's 32, reduced to a divisor).
     * neither: every BatchNorm becomes a :class:`SyncBatchNorm` over ``process_group``.
 
-    ``weight_standardization`` (default: on for ``"gn_ws"`` and ``"bcn"``, the pairings
-    of Qiao et al.) standardizes the convolutions feeding those layers. ``check_sync``
+    ``weight_standardization`` standardizes the convolutions feeding the converted layers:
+    by default (None) those feeding ``"gn_ws"``, ``"bcn"`` and ``"bgn"`` layers (the
+    pairings of Qiao et al.; BGN underfits without it); ``True`` those feeding any layer
+    with batch or group statistics (also ``"bn"`` and ``"sync_bn"``; refused for a forced
+    ``"frozen_bn"``, whose statistics were measured on the plain convolution's outputs);
+    ``False`` none. ``check_sync``
     (default: on, every device) makes every synchronized layer check, on the device inside
     each collective, that all ranks are in the same layer and direction; a mismatch leaves
     the statistics alone and raises :class:`~distnorm.SyncMismatchError` on every rank at
@@ -176,7 +180,7 @@ def convert_model(
         return apply_targets(
             model,
             _plan_targets(plan),
-            weight_standardization=weight_standardization is not False,
+            weight_standardization=_ws_norms(weight_standardization),
             check_sync=check_sync,
         )
 
@@ -186,13 +190,18 @@ def convert_model(
             f"convert_model(norm={norm!r}): unknown normalization; choose one of "
             f"{', '.join(FORCEABLE_NORMS)}"
         )
+    if weight_standardization and norm not in _WS_CAPABLE_NORMS:
+        raise ConversionError(
+            f"convert_model(norm={norm!r}, weight_standardization=True): a frozen "
+            "BatchNorm's statistics were measured on the plain convolutions' outputs, which "
+            "standardizing their weights would change; leave weight_standardization out, or "
+            "choose a norm that learns its statistics (gn_ws, bcn, bgn, sync_bn, bn)"
+        )
     target = LayerTarget(norm, process_group, num_groups)
-    if weight_standardization is None:
-        weight_standardization = norm in _WS_NORMS
     return apply_targets(
         model,
         lambda name, module: target,
-        weight_standardization=weight_standardization,
+        weight_standardization=_ws_norms(weight_standardization),
         check_sync=check_sync,
     )
 
@@ -228,13 +237,13 @@ def apply_targets(
     model: nn.Module,
     target_of: Callable[[str, _BatchNorm], LayerTarget],
     *,
-    weight_standardization: bool,
+    weight_standardization: frozenset[str],
     check_sync: bool | None = None,
 ) -> nn.Module:
-    """Convert each BatchNorm of ``model`` to ``target_of(qualified_name, module)``, and,
-    with ``weight_standardization``, standardize the convolutions that feed a layer
-    converted to ``"gn_ws"`` or ``"bcn"``; synchronized layers get ``check_sync``. The
-    engine under :func:`convert_model`."""
+    """Convert each BatchNorm of ``model`` to ``target_of(qualified_name, module)``, and
+    standardize the convolutions that feed a layer converted to one of the norms in
+    ``weight_standardization``; synchronized layers get ``check_sync``. The engine under
+    :func:`convert_model`."""
     if isinstance(model, DistributedDataParallel):
         raise ConversionError(
             "convert_model got a DistributedDataParallel wrapper; convert the model first "
@@ -254,9 +263,11 @@ def apply_targets(
             stacklevel=3,
         )
     standardize: set[str] = set()
-    if weight_standardization and any(t.norm in _WS_NORMS for t in targets.values()):
+    if any(t.norm in weight_standardization for t in targets.values()):
         links = conv_norm_links(model, (_BatchNorm,))
-        standardize = {conv for conv, norm in links.pairs if targets[norm].norm in _WS_NORMS}
+        standardize = {
+            conv for conv, norm in links.pairs if targets[norm].norm in weight_standardization
+        }
         if links.method != "torch.fx":
             logger.info("distnorm: weight standardization placed by %s", links.reason)
         single_weight = {n for n in standardize if model.get_submodule(n).weight[0].numel() < 2}
@@ -280,9 +291,20 @@ def apply_targets(
     return converted
 
 
-# Normalizations whose feeding convolutions get Weight Standardization (Qiao et al. pair
-# WS with GroupNorm and with Batch-Channel Norm).
-_WS_NORMS = ("gn_ws", "bcn")
+# Normalizations whose feeding convolutions get Weight Standardization by default (Qiao et
+# al. pair WS with GroupNorm and Batch-Channel Norm; Batch Group Norm underfits without it,
+# benchmarks/results/accuracy.md), and those it can be asked for: every norm that learns
+# its statistics, not FrozenBN's measured ones.
+_WS_NORMS = frozenset({"gn_ws", "bcn", "bgn"})
+_WS_CAPABLE_NORMS = _WS_NORMS | {"bn", "sync_bn"}
+
+
+def _ws_norms(weight_standardization: bool | None) -> frozenset[str]:
+    """The norms whose feeding convolutions are standardized for ``weight_standardization``
+    (None: the default pairings)."""
+    if weight_standardization is None:
+        return _WS_NORMS
+    return _WS_CAPABLE_NORMS if weight_standardization else frozenset()
 
 
 def _norm_of(module: nn.Module) -> str | None:

@@ -141,6 +141,33 @@ def test_weight_standardization_can_be_turned_off() -> None:
     assert not any(isinstance(m, WSConv2d) for m in model.modules())
 
 
+def standardized_convs(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, WSConv2d)}
+
+
+@pytest.mark.parametrize("norm", list(LAYER_OF))
+def test_weight_standardization_by_default_with_gn_bcn_and_bgn(norm: str) -> None:
+    expected = CONVS_FEEDING_NORMS if norm in ("gn_ws", "bcn", "bgn") else set()
+    assert standardized_convs(model_for(norm)) == expected
+
+
+@pytest.mark.parametrize("norm", ["bn", "sync_bn", "gn_ws", "bcn", "bgn"])
+def test_weight_standardization_on_request_for_every_norm_that_learns_statistics(
+    norm: str,
+) -> None:
+    torch.manual_seed(0)
+    model = distnorm.convert_model(TinyResNet(), norm=norm, weight_standardization=True)
+    assert standardized_convs(model) == CONVS_FEEDING_NORMS
+    torch.manual_seed(0)
+    plain = distnorm.convert_model(TinyResNet(), norm=norm, weight_standardization=False)
+    assert standardized_convs(plain) == set()
+
+
+def test_weight_standardization_is_refused_for_frozen_statistics() -> None:
+    with pytest.raises(distnorm.ConversionError, match="frozen BatchNorm's statistics"):
+        distnorm.convert_model(TinyResNet(), norm="frozen_bn", weight_standardization=True)
+
+
 def test_group_norm_shares_the_batchnorms_affine_and_chooses_groups() -> None:
     torch.manual_seed(0)
     original = TinyResNet()

@@ -18,7 +18,7 @@ from distnorm.table import format_table
 # What a layer can become. "bn": local BatchNorm (no communication); "sync_bn": BatchNorm
 # over a group of ranks; "gn_ws": GroupNorm + Weight Standardization on the preceding
 # convolution; "bcn": Batch-Channel Normalization (+ WS); "bgn": Batch Group
-# Normalization; "frozen_bn": BatchNorm with frozen pretrained statistics and affine;
+# Normalization (+ WS); "frozen_bn": BatchNorm with frozen pretrained statistics and affine;
 # "keep": the module is left exactly as it is.
 NORMS = ("bn", "sync_bn", "gn_ws", "bcn", "bgn", "frozen_bn", "keep")
 GROUPED_NORMS = ("gn_ws", "bcn", "bgn")  # take a number of channel groups

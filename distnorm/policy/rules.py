@@ -56,7 +56,7 @@ from distnorm.policy.config import Override, Policy
 from distnorm.policy.facts import NormFact
 from distnorm.policy.plans import GROUPED_NORMS, SYNCABLE_NORMS, LayerPlan, Plan
 
-_FALLBACK_NAMES = {"gn_ws": "GN+WS", "bcn": "BCN+WS", "bgn": "BGN"}
+_FALLBACK_NAMES = {"gn_ws": "GN+WS", "bcn": "BCN+WS", "bgn": "BGN+WS"}
 # distnorm's own BatchNorm subclasses that are a decision already made: planning a
 # converted model again leaves them alone (SyncBatchNorm is planned like any BatchNorm).
 _DISTNORM_NORMS = ("BatchChannelNorm", "BatchGroupNorm")
