@@ -201,19 +201,20 @@ def test_what_counts_as_normalization() -> None:
 def test_plan_end_to_end_with_a_sample_input() -> None:
     model = Net()
     kinds = [type(m) for m in model.modules()]
-    result = plan(model, 2, 8, ranks_per_node=8, sample_input=torch.zeros(1, 3, 8, 8))
+    # 1 image per worker on 8 ranks: no group reaches the floor of 16 samples.
+    result = plan(model, 1, 8, ranks_per_node=8, sample_input=torch.zeros(1, 3, 8, 8))
     assert [type(m) for m in model.modules()] == kinds  # planning changes nothing
     decisions = {
         lp.name: (lp.norm, lp.sync_group_size, lp.values_per_statistic) for lp in result.layers
     }
     assert decisions == {
         "stem.1": ("gn_ws", None, 2 * 64),  # C/G = 2 channels x 8x8 positions
-        "se.bn": ("sync_bn", 8, 16),  # 2 values locally; the largest group: 8 x 2
+        "se.bn": ("sync_bn", 8, 8),  # 1 value locally; the largest group: 8 x 1
         "shared": ("gn_ws", None, 2 * 16),
-        "head.1": ("sync_bn", 8, 16),
+        "head.1": ("sync_bn", 8, 8),
         "head.2": ("keep", None, None),
     }
-    assert result.world_size == 8 and result.per_worker_batch_size == 2
+    assert result.world_size == 8 and result.per_worker_batch_size == 1
 
 
 def test_plan_is_logged_and_warns_about_empty_models_and_unused_overrides(caplog) -> None:

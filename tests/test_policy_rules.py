@@ -19,20 +19,27 @@ DEFAULT = load_policy("default")
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 WORLDS = (1, 2, 8, 64)
 
-# Expected decision for a BatchNorm2d over a feature map, target 32 samples, 8 ranks per
-# node: "bn" local, "sync N" SyncBN over N ranks, "fallback" GN+WS from scratch or
-# FrozenBN when fine-tuning. Derived by hand: the smallest group g with g * B >= 32 that
-# divides the world and lies inside a node (g | 8) or spans whole nodes (8 | g).
+# Expected decision for a BatchNorm2d over a feature map, target 32 samples, floor 16, 8
+# ranks per node: "bn" local, "sync N" SyncBN over N ranks, "fallback" GN+WS from scratch
+# or FrozenBN when fine-tuning, "floor N" the largest allowed group (N = 1: local BN) from
+# scratch, since it reaches 16 samples, and FrozenBN when fine-tuning. Derived by hand: the
+# smallest group g with g * B >= 32 that divides the world and lies inside a node (g | 8)
+# or spans whole nodes (8 | g); else the largest such g when g * B >= 16.
 #            world:  1           2           8           64
 EXPECTED = {
     1: ("fallback", "fallback", "fallback", "sync 32"),
-    2: ("fallback", "fallback", "fallback", "sync 16"),
+    2: ("fallback", "fallback", "floor 8", "sync 16"),
     4: ("fallback", "fallback", "sync 8", "sync 8"),
-    8: ("fallback", "fallback", "sync 4", "sync 4"),
-    16: ("fallback", "sync 2", "sync 2", "sync 2"),
+    8: ("fallback", "floor 2", "sync 4", "sync 4"),
+    16: ("floor 1", "sync 2", "sync 2", "sync 2"),
     32: ("bn", "bn", "bn", "bn"),
     64: ("bn", "bn", "bn", "bn"),
 }
+
+
+def without_floor(policy):
+    """``policy`` with the sync floor at the target: the fallback rules alone."""
+    return dataclasses.replace(policy, min_sync_batch=policy.target_batch)
 
 
 def bn_fact(
@@ -67,6 +74,13 @@ def decide(fact: NormFact, batch: int, world: int, **kwargs):
 def test_default_decisions(batch: int, world: int, pretrained: bool) -> None:
     expected = EXPECTED[batch][WORLDS.index(world)]
     layer = decide(bn_fact(), batch, world, pretrained=pretrained)
+    if expected.startswith("floor"):
+        group = int(expected.split()[1])
+        if pretrained:
+            expected = "fallback"  # the backbone stays frozen: the floor is for training
+        else:
+            assert 16 <= group * batch < 32 and "floor 16" in layer.reason
+            expected = "bn" if group == 1 else f"sync {group}"
     if expected == "bn":
         assert (layer.norm, layer.sync_group_size) == ("bn", None)
         assert layer.values_per_statistic == batch * 64  # batch x 8x8 positions
@@ -74,7 +88,7 @@ def test_default_decisions(batch: int, world: int, pretrained: bool) -> None:
         group = int(expected.split()[1])
         assert (layer.norm, layer.sync_group_size) == ("sync_bn", group)
         assert layer.values_per_statistic == group * batch * 64
-        assert group * batch >= 32 and world % group == 0
+        assert group * batch >= 16 and world % group == 0
     elif pretrained:
         assert (layer.norm, layer.sync_group_size, layer.num_groups) == ("frozen_bn", None, None)
         assert layer.values_per_statistic is None  # frozen: no batch statistics
@@ -112,14 +126,35 @@ def test_group_is_node_aligned_even_when_a_smaller_divisor_reaches_the_target() 
 
 
 def test_cross_node_disabled_and_capped_groups_fall_back() -> None:
-    in_node = load_policy({"sync": {"cross_node": False}})
+    in_node = without_floor(load_policy({"sync": {"cross_node": False}}))
     assert decide(bn_fact(), 2, 64, policy=in_node).norm == "gn_ws"
     assert decide(bn_fact(), 4, 64, policy=in_node).sync_group_size == 8
-    capped = load_policy({"sync": {"max_group_size": 4}})
+    capped = without_floor(load_policy({"sync": {"max_group_size": 4}}))
     assert decide(bn_fact(), 4, 64, policy=capped).norm == "gn_ws"
-    no_sync = load_policy({"sync": {"enabled": False}})
+    no_sync = without_floor(load_policy({"sync": {"enabled": False}}))
     layer = decide(bn_fact(), 16, 64, policy=no_sync)
     assert layer.norm == "gn_ws" and "sync disabled" in layer.reason
+
+
+def test_a_group_reaching_the_floor_synchronizes_when_none_reaches_the_target() -> None:
+    """Wu & He's Fig. 1: BN at 16 images per worker is within 0.1 point of BN at 32 and
+    ahead of GN; at 8 GN is ahead. So below the target, BatchNorm over the largest allowed
+    group still wins while it sees 16 samples; fine-tuned backbones stay frozen."""
+    layer = decide(bn_fact(), 8, 2)
+    assert (layer.norm, layer.sync_group_size, layer.values_per_statistic) == (
+        "sync_bn",
+        2,
+        16 * 64,
+    )
+    assert layer.reason == "at most 2 ranks x 8 = 16 < 32; >= floor 16: largest group, 1 node"
+    assert decide(bn_fact(), 4, 2).norm == "gn_ws"  # 8 samples: under the floor
+    local = decide(bn_fact(), 16, 1)
+    assert (local.norm, local.sync_group_size) == ("bn", None) and "floor 16" in local.reason
+    assert decide(bn_fact(), 8, 2, pretrained=True).norm == "frozen_bn"
+    in_node = load_policy({"sync": {"cross_node": False}})
+    assert decide(bn_fact(), 2, 64, policy=in_node).sync_group_size == 8  # 2 x 8 = 16
+    lower = load_policy({"min_sync_batch": 8})
+    assert decide(bn_fact(), 4, 2, policy=lower).sync_group_size == 2
 
 
 def test_target_batch_is_a_knob() -> None:
@@ -131,7 +166,8 @@ def test_target_batch_is_a_knob() -> None:
 def test_squeeze_excitation_and_pooled_layers_take_the_largest_group() -> None:
     # (N, C, 1, 1): at batch 2, local BN sees 2 values and GN would see C/G of one sample.
     se = bn_fact(name="se.bn", shape=(2, 64, 1, 1))
-    layer = decide(se, 2, 8)
+    no_floor = without_floor(DEFAULT)
+    layer = decide(se, 2, 8, policy=no_floor)
     assert (layer.norm, layer.sync_group_size, layer.values_per_statistic) == ("sync_bn", 8, 16)
     assert "no spatial extent" in layer.reason
     alone = decide(se, 2, 1)
@@ -143,15 +179,17 @@ def test_squeeze_excitation_and_pooled_layers_take_the_largest_group() -> None:
     # Without a sample input a BatchNorm1d is assumed to see (N, C); a BatchNorm2d is not.
     unknown_1d = bn_fact(channels=10, shape=None, type_names=("BatchNorm1d", "_BatchNorm"))
     assert decide(unknown_1d, 2, 8).norm == "sync_bn"
-    unknown_2d = decide(bn_fact(shape=None), 2, 8)
+    unknown_2d = decide(bn_fact(shape=None), 2, 8, policy=no_floor)
     assert (unknown_2d.norm, unknown_2d.values_per_statistic) == ("gn_ws", None)
 
 
 def test_channels_that_cannot_be_grouped_take_the_largest_group() -> None:
-    layer = decide(bn_fact(channels=3, shape=(1, 3, 8, 8)), 2, 8)
+    no_floor = without_floor(DEFAULT)
+    layer = decide(bn_fact(channels=3, shape=(1, 3, 8, 8)), 2, 8, policy=no_floor)
     assert (layer.norm, layer.sync_group_size) == ("sync_bn", 8)
     assert "3 channels cannot be grouped" in layer.reason
-    assert decide(bn_fact(channels=48, shape=(1, 48, 4, 4)), 2, 8).num_groups == 24
+    grouped = decide(bn_fact(channels=48, shape=(1, 48, 4, 4)), 2, 8, policy=no_floor)
+    assert grouped.num_groups == 24
 
 
 def test_video_models_folding_time_into_the_batch() -> None:
@@ -172,13 +210,14 @@ def test_scratch_fallbacks(fallback: str, values: int) -> None:
 
 
 def test_scratch_fallback_bn_or_sync_bn() -> None:
-    assert decide(bn_fact(), 2, 8, policy=load_policy({"scratch_fallback": "bn"})).norm == "bn"
+    local = without_floor(load_policy({"scratch_fallback": "bn"}))
+    assert decide(bn_fact(), 2, 8, policy=local).norm == "bn"
     layer = decide(bn_fact(), 2, 8, policy=load_policy({"scratch_fallback": "sync_bn"}))
     assert (layer.norm, layer.sync_group_size) == ("sync_bn", 8)
 
 
 def test_fine_tuning_freezes_the_backbone_and_trains_the_head_from_scratch() -> None:
-    policy = load_policy("fine-tune-detection")
+    policy = without_floor(load_policy("fine-tune-detection"))
     facts = [
         bn_fact("backbone.body.layer1.0.bn1"),
         bn_fact("backbone.bottom_up.res2.0.conv1.norm"),
@@ -200,7 +239,7 @@ def test_fine_tuning_freezes_the_backbone_and_trains_the_head_from_scratch() -> 
 
 
 def test_micro_batch_policy_syncs_inside_a_node_else_bcn() -> None:
-    policy = load_policy("micro-batch-from-scratch")
+    policy = without_floor(load_policy("micro-batch-from-scratch"))
     layer = decide(bn_fact(), 2, 64, policy=policy)
     # BCN's estimates are pooled over the largest in-node group (a forward all-reduce).
     assert (layer.norm, layer.sync_group_size, layer.num_groups) == ("bcn", 8, 32)
@@ -238,7 +277,7 @@ def test_other_normalizations_are_kept_and_listed() -> None:
         layer = decide(other(type_names, is_batch_norm=True), 2, 8)
         assert layer.norm == "keep" and reason in layer.reason
     synced = other(("SyncBatchNorm", "_BatchNorm"), is_batch_norm=True)
-    assert decide(synced, 2, 8).norm == "gn_ws"  # a SyncBatchNorm is planned like any BN
+    assert decide(synced, 1, 8).norm == "gn_ws"  # a SyncBatchNorm is planned like any BN
 
 
 def test_overrides_by_name_win_over_by_type() -> None:

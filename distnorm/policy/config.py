@@ -11,6 +11,8 @@ Schema (dotted key: meaning)::
 
     description                  free text
     target_batch                 samples each BatchNorm statistic should see (32)
+    min_sync_batch               fewest samples a synchronized statistic may see when no
+                                 sync group reaches the target (16)
     pretrained                   fine-tuning a BN-pretrained model (false)
     sync.enabled                 allow SyncBatchNorm groups (true)
     sync.max_group_size          largest sync group in ranks, null for the world (null)
@@ -95,6 +97,7 @@ class Policy:
     source: str = ""
     description: str = ""
     target_batch: int = 32
+    min_sync_batch: int = 16
     pretrained: bool = False
     sync: SyncSettings = field(default_factory=SyncSettings)
     scratch_fallback: str = "gn_ws"
@@ -106,6 +109,7 @@ class Policy:
         where = self.source or f"policy {self.name!r}"
         _expect(where, "description", self.description, str)
         _expect_int(where, "target_batch", self.target_batch, minimum=1)
+        _expect_int(where, "min_sync_batch", self.min_sync_batch, minimum=1)
         _expect(where, "pretrained", self.pretrained, bool)
         _expect(where, "sync.enabled", self.sync.enabled, bool)
         if self.sync.max_group_size is not None:

@@ -18,7 +18,12 @@ Defaults, and where they come from:
   MLPerf submissions (``bn_group`` of 2, 4 or 8 GPUs in apex's ``groupbn`` and
   ``create_syncbn_process_group``). Small groups are preferred: the statistics are as
   good as the target asks, and the collective's latency grows with the group.
-* **No group reaches the target, training from scratch: GroupNorm + Weight
+* **No group reaches the target, but the largest allowed one reaches the floor (16
+  samples): SyncBatchNorm over it** (local BatchNorm when no group is allowed). Wu & He's
+  Fig. 1 has BN at 16 images per worker within 0.1 point of BN at 32 and ahead of GN,
+  behind GN at 8; the accuracy study here (``benchmarks/results/accuracy.md``) agrees.
+  Not for a fine-tuned backbone, which stays frozen below the target.
+* **No group reaches the floor, training from scratch: GroupNorm + Weight
   Standardization** (``gn_ws``; or Batch-Channel Normalization ``bcn`` / Batch Group
   Normalization ``bgn`` when the policy chooses). GN's statistics do not depend on the
   batch at all (Wu & He, Fig. 1: flat from 32 down to 2 images per worker); WS on the
@@ -220,6 +225,21 @@ def _decide(fact: NormFact, context: _Context) -> LayerPlan:
             reason=f"{group} ranks x {batch} = {group * batch} >= {target}{context.where(group)}",
         )
     why = context.shortfall()
+    floor = context.policy.min_sync_batch
+    largest = context.candidates[-1] if context.candidates else 1
+    if largest * batch >= floor and (
+        not context.pretrained or not _in_backbone(fact.name, context.policy)
+    ):
+        floor_reason = f"{why}; >= floor {floor}"
+        if largest == 1:
+            return _layer(fact, "bn", values=_values(fact, batch), reason=f"{floor_reason}: local")
+        return _layer(
+            fact,
+            "sync_bn",
+            sync_group_size=largest,
+            values=_values(fact, largest * batch),
+            reason=f"{floor_reason}: largest group{context.where(largest)}",
+        )
     if not context.pretrained:
         return _scratch(fact, context, why, "from scratch")
     if not _in_backbone(fact.name, context.policy):
