@@ -4,7 +4,9 @@ Wu & He (2018, "Group Normalization", Fig. 1) train ResNet-50 on ImageNet with B
 at 32, 16, 8, 4 and 2 images per worker: BN's error grows as the batch shrinks, GN's stays.
 Here, 4 real processes (gloo) train a small CNN with per-worker batch 1, 2, 4, 8 and 32 and
 each normalization: local BN (each worker's own statistics), distnorm SyncBN (the world's),
-GN+WS, BCN, BGN, and what distnorm's default policy chooses for that batch; several seeds.
+GN+WS, BCN, BGN (with WS, its default, and without), and what distnorm's default policy
+chooses for that batch; several seeds. The regret table compares the policy with the best
+fixed normalization at each batch, seed by seed.
 
 The data, "digits-M": scikit-learn's 1,797 8x8 digits (shipped with the package; nothing
 is downloaded), upsampled to 12x12, placed at a random shift of up to 2 pixels in a 16x16
@@ -47,7 +49,8 @@ import distnorm
 from benchmarks import common
 
 NAME = "accuracy"
-NORMS = ["bn", "sync_bn", "gn_ws", "bcn", "bgn", "policy"]
+NORMS = ["bn", "sync_bn", "gn_ws", "bcn", "bgn", "bgn_no_ws", "policy"]
+FIXED_NORMS = [n for n in NORMS if n != "policy"]
 FRAME, DIGIT, SHIFT = 16, 12, 2  # frame and digit side, largest shift (pixels)
 TRAIN_DIGITS = 1200
 # DDP's option not to broadcast buffers every forward (renamed in newer torch).
@@ -359,7 +362,37 @@ def targets(stats: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any]) -> str:
+def regret(records: list[dict[str, Any]], stats: dict) -> list[dict[str, Any]]:
+    """Per per-worker batch: the best fixed normalization (highest mean), and the policy's
+    accuracy minus it, seed by seed (mean and standard deviation of those differences);
+    ``within_one_std`` when the policy is not worse by more than one of them."""
+    by_run = {(r["norm"], r["per_worker_batch"], r["seed"]): r["accuracy"] for r in records}
+    rows = []
+    for batch in sorted({b for n, b in stats if n == "policy"}, reverse=True):
+        fixed = [n for n in FIXED_NORMS if (n, batch) in stats]
+        if not fixed:
+            continue
+        best = max(fixed, key=lambda n: stats[(n, batch)]["mean"])
+        seeds = sorted(s for n, b, s in by_run if (n, b) == ("policy", batch))
+        differences = [by_run[("policy", batch, s)] - by_run[(best, batch, s)] for s in seeds]
+        mean, std = float(np.mean(differences)), float(np.std(differences))
+        rows.append(
+            {
+                "per_worker_batch": batch,
+                "policy_choice": stats[("policy", batch)]["policy_choice"],
+                "best": best,
+                "best_mean": stats[(best, batch)]["mean"],
+                "policy_mean": stats[("policy", batch)]["mean"],
+                "regret": mean,
+                "regret_std": std,
+                "seeds": len(seeds),
+                "within_one_std": mean >= -std or mean == 0.0,
+            }
+        )
+    return rows
+
+
+def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any], regrets: list) -> str:
     batches = sorted({b for _, b in stats}, reverse=True)
     norms = [n for n in NORMS if any(k[0] == n for k in stats)]
 
@@ -381,6 +414,31 @@ def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any]) ->
         f"{first['epochs']} epochs at {first['global_batch']} images per optimizer step.\n\n"
         f"{table}"
     )
+    if regrets:
+        text += (
+            "\n\nRegret: the policy's accuracy minus the best fixed normalization's at each "
+            "per-worker batch, seed by seed (mean ± std of the differences; 0 where the "
+            "policy chose it). Target: never worse by more than one standard deviation.\n\n"
+            + common.markdown_table(
+                [
+                    "per-worker batch",
+                    "policy's choice",
+                    "best fixed",
+                    "regret (points)",
+                    "within 1 std",
+                ],
+                [
+                    [
+                        r["per_worker_batch"],
+                        r["policy_choice"],
+                        f"{common.NORM_LABELS[r['best']]} ({r['best_mean']:.1f})",
+                        f"{r['regret']:+.1f} ± {r['regret_std']:.1f}",
+                        "yes" if r["within_one_std"] else "**no**",
+                    ]
+                    for r in regrets
+                ],
+            )  # fmt: skip
+        )
     if goals:
         text += (
             f"\n\nAt per-worker batch 2 against local BN at 32 ({goals['bn_at_32']:.1f}%): the "
@@ -464,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     records = run(args)
     stats = aggregate(records)
     goals = targets(stats)
+    regrets = regret(records, stats)
     paths = common.write_results(
         NAME,
         args,
@@ -475,11 +534,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 {"norm": n, "per_worker_batch": b, **s} for (n, b), s in stats.items()
             ],
             "targets": goals,
+            "regret": regrets,
         },
-        tables=tables(records, stats, goals),
+        tables=tables(records, stats, goals, regrets),
         figure=figure(stats, args.world_size),
     )
-    return {"records": records, "stats": stats, "targets": goals, "paths": paths}
+    return {
+        "records": records, "stats": stats, "targets": goals, "regret": regrets, "paths": paths
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

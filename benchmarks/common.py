@@ -53,7 +53,8 @@ NORM_LABELS = {
     "sync_bn_group2": "distnorm SyncBN, groups of 2",
     "gn_ws": "GN+WS",
     "bcn": "BCN",
-    "bgn": "BGN",
+    "bgn": "BGN+WS",
+    "bgn_no_ws": "BGN without WS",
     "policy": "policy default",
     "torch_sync_bn": "torch.nn.SyncBatchNorm",
 }
@@ -230,6 +231,7 @@ def normalize(model: nn.Module, norm: str, per_worker_batch: int | None = None) 
     """``model`` (with torch BatchNorms) converted to the normalization ``norm`` names
     (a key of :data:`NORM_LABELS`), in the current process group: "bn" leaves it as it
     is; "policy" lets :func:`distnorm.convert_model` plan for ``per_worker_batch``;
+    "bgn_no_ws" is BGN without the Weight Standardization it has by default;
     "sync_bn_group2" synchronizes groups of 2 consecutive ranks (created here, on every
     rank, as ``new_group`` requires); "torch_sync_bn" is torch's own (CUDA only)."""
     if norm == "bn":
@@ -242,6 +244,8 @@ def normalize(model: nn.Module, norm: str, per_worker_batch: int | None = None) 
         return distnorm.convert_model(model, norm="sync_bn", process_group=consecutive_group(2))
     if norm == "torch_sync_bn":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if norm == "bgn_no_ws":
+        return distnorm.convert_model(model, norm="bgn", weight_standardization=False)
     return distnorm.convert_model(model, norm=norm)
 
 

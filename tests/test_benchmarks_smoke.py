@@ -130,6 +130,17 @@ def test_accuracy(tmp_path, monkeypatch):
                 if t["norm"] == "gn_ws" and t["per_worker_batch"] == r["per_worker_batch"]
             )
             assert r["accuracy"] == twin["accuracy"]
+    # the regret table: the policy against the best fixed normalization, seed by seed
+    regrets = payload["summary"]["regret"]
+    assert [r["per_worker_batch"] for r in regrets] == [4, 2]
+    for row in regrets:
+        best = next(
+            t["accuracy"]
+            for t in records
+            if (t["norm"], t["per_worker_batch"]) == (row["best"], row["per_worker_batch"])
+        )
+        assert row["regret"] == pytest.approx(row["policy_mean"] - best)
+        assert row["regret"] <= 0 and row["best"] in accuracy.FIXED_NORMS
     # a second run finds every result in the cache and trains nothing
     monkeypatch.setattr(common, "spawn", lambda *a, **k: pytest.fail("trained again"))
     again = accuracy.main(["--tiny", "--out", str(tmp_path)])
