@@ -22,7 +22,7 @@ left out; it is how CI checks this script without a GPU.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -90,33 +90,34 @@ def kernels_and_syncs(call: Callable[[], None], device: str) -> dict[str, int]:
     return counts
 
 
-def _two_ranks(rank: int, world_size: int, report: Any, config: dict[str, Any]) -> Any:
-    device = config["device"]
-    records = []
+def _configurations(config: dict[str, Any]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """Each shape, dtype and memory format measured, and an input of it."""
     for shape in config["shapes"]:
         for dtype in config["dtypes"]:
             for layout in ("contiguous", "channels_last"):
-                x = _batch(shape, DTYPES[dtype], layout, device)
-                layers = {
-                    name: make(shape[1]).to(device).train()
-                    for name, make in LAYERS.items()
-                    if device == "cuda" or name != "torch.nn.SyncBatchNorm"  # CPU: refused
-                }
-                calls = {name: _training_call(layer, x) for name, layer in layers.items()}
-                record: dict[str, Any] = {"shape": shape, "dtype": dtype, "layout": layout}
-                timed = dict(calls)
-                try:
-                    seconds = common.interleaved_timings(
-                        timed, device=device, warmup=config["warmup"], repeats=config["repeats"]
-                    )
-                    record["ms"] = {n: common.median(s) * 1e3 for n, s in seconds.items()}
-                except RuntimeError as error:  # e.g. a layer the backend cannot run
-                    record["error"] = f"{type(error).__name__}: {error}"[:300]
-                record["counts"] = {
-                    name: kernels_and_syncs(call, device) for name, call in calls.items()
-                }
-                records.append(record)
-                report(1)
+                where = {"shape": shape, "dtype": dtype, "layout": layout}
+                yield where, _batch(shape, DTYPES[dtype], layout, config["device"])
+
+
+def _two_ranks(rank: int, world_size: int, report: Any, config: dict[str, Any]) -> Any:
+    device = config["device"]
+    records = []
+    for record, x in _configurations(config):
+        calls = {
+            name: _training_call(make(x.size(1)).to(device).train(), x)
+            for name, make in LAYERS.items()
+            if device == "cuda" or name != "torch.nn.SyncBatchNorm"  # CPU: refused
+        }
+        try:
+            seconds = common.interleaved_timings(
+                calls, device=device, warmup=config["warmup"], repeats=config["repeats"]
+            )
+            record["ms"] = {n: common.median(s) * 1e3 for n, s in seconds.items()}
+        except RuntimeError as error:  # e.g. a layer the backend cannot run
+            record["error"] = f"{type(error).__name__}: {error}"[:300]
+        record["counts"] = {name: kernels_and_syncs(call, device) for name, call in calls.items()}
+        records.append(record)
+        report(1)
     return records
 
 
@@ -129,23 +130,20 @@ def one_device(config: dict[str, Any], bar: Any) -> list[dict[str, Any]]:
     no process group, and its ratio to nn.BatchNorm2d's in the same rounds."""
     device = config["device"]
     records = []
-    for shape in config["shapes"]:
-        for dtype in config["dtypes"]:
-            for layout in ("contiguous", "channels_last"):
-                x = _batch(shape, DTYPES[dtype], layout, device)
-                calls = {
-                    name: _training_call(LAYERS[name](shape[1]).to(device).train(), x)
-                    for name in ONE_DEVICE
-                }
-                seconds = common.interleaved_timings(
-                    calls, device=device, warmup=config["warmup"], repeats=config["repeats"]
-                )
-                ms = {name: common.median(s) * 1e3 for name, s in seconds.items()}
-                records.append(
-                    {"shape": shape, "dtype": dtype, "layout": layout, "ms": ms,
-                     "ratio": {n: ms[n] / ms["nn.BatchNorm2d"] for n in ONE_DEVICE[1:]}}
-                )  # fmt: skip
-                bar.update()
+    for record, x in _configurations(config):
+        calls = {
+            name: _training_call(LAYERS[name](x.size(1)).to(device).train(), x)
+            for name in ONE_DEVICE
+        }
+        seconds = common.interleaved_timings(
+            calls, device=device, warmup=config["warmup"], repeats=config["repeats"]
+        )
+        record["ms"] = {name: common.median(s) * 1e3 for name, s in seconds.items()}
+        record["ratio"] = {
+            n: record["ms"][n] / record["ms"]["nn.BatchNorm2d"] for n in ONE_DEVICE[1:]
+        }
+        records.append(record)
+        bar.update()
     return records
 
 

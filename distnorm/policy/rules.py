@@ -230,16 +230,7 @@ def _decide(fact: NormFact, context: _Context) -> LayerPlan:
     if largest * batch >= floor and (
         not context.pretrained or not _in_backbone(fact.name, context.policy)
     ):
-        floor_reason = f"{why}; >= floor {floor}"
-        if largest == 1:
-            return _layer(fact, "bn", values=_values(fact, batch), reason=f"{floor_reason}: local")
-        return _layer(
-            fact,
-            "sync_bn",
-            sync_group_size=largest,
-            values=_values(fact, largest * batch),
-            reason=f"{floor_reason}: largest group{context.where(largest)}",
-        )
+        return _largest_group(fact, context, f"{why}; >= floor {floor}")
     if not context.pretrained:
         return _scratch(fact, context, why, "from scratch")
     if not _in_backbone(fact.name, context.policy):
@@ -297,7 +288,7 @@ def _largest_group(fact: NormFact, context: _Context, why: str) -> LayerPlan:
             "sync_bn",
             sync_group_size=group,
             values=_values(fact, group * context.batch),
-            reason=f"{why}: largest group",
+            reason=f"{why}: largest group{context.where(group)}",
         )
     return _layer(fact, "bn", values=_values(fact, context.batch), reason=f"{why}: local")
 
