@@ -252,9 +252,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         buffer = channel.new_buffer()
         payload = buffer[: 2 * groups].view(2, groups)
 
-        if groups == channels and input.is_cuda:
+        if groups == channels and input.is_cuda and input.numel() > 0:
             # torch's fused SyncBN kernels: the sums and parameter gradients in one pass,
-            # the input gradient from the global sums in another.
+            # the input gradient from the global sums in another (a gradient in neither
+            # channels-last layout made contiguous first, as nn.SyncBatchNorm does).
+            if not any(
+                grad_output.is_contiguous(memory_format=layout)
+                for layout in (torch.channels_last, torch.channels_last_3d)
+            ):
+                grad_output = grad_output.contiguous()
             sum_grad, sum_grad_centred, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
                 grad_output, input, centre, invstd, gamma, True, needs_weight, needs_bias
             )
