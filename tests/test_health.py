@@ -8,6 +8,8 @@ test_reliability_nonfinite.py.
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -80,3 +82,22 @@ def test_state_between_calls_is_allocated_once_and_updated_in_place() -> None:
         step()
     assert addresses() == first
     assert not torch.equal(layer._sync.shift, shift)  # updated, in place
+
+
+def test_copies_and_pickles_leave_the_state_behind_and_report_for_themselves() -> None:
+    """torch.save of a whole model and copy.deepcopy (EMA copies) of a trained layer: the
+    copy holds the statistics, not the original's state between calls, and its own
+    outcomes reach the report."""
+    layer = BatchChannelNorm(8, num_groups=2, nonfinite="raise")
+    layer(torch.randn(4, 8, 3, 3)).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(layer)
+    for twin in (loaded, copied):
+        assert twin._sync is None and layer._sync is not None
+        assert torch.equal(twin.running_mean, layer.running_mean)
+        twin(poisoned())
+        with pytest.raises(distnorm.InputError, match="statistics are not finite"):
+            distnorm.report()

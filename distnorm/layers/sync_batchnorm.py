@@ -370,6 +370,17 @@ class SyncBatchNorm(_BatchNorm):
         self._sync: _SyncState | None = None
         health.MONITOR.register(self)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave the state between calls behind (it is this layer's, on
+        this device and group): a copy makes its own at its first training call."""
+        state = self.__dict__.copy()
+        state["_sync"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        health.MONITOR.register(self)
+
     def _check_input_dim(self, input: Tensor) -> None:
         check_channels_input(self, input, self.num_features)
 
