@@ -229,9 +229,10 @@ def train_one(
 
 
 def policy_same_as(per_worker_batch: int, world_size: int, width: int) -> str | None:
-    """The forced norm ("bn", "sync_bn" or "gn_ws") whose plan equals the default policy's
-    plan for this per-worker batch, layer for layer; None when the policy mixes norms.
-    Such a policy run would repeat that forced run exactly, so its result is reused."""
+    """The forced norm whose plan equals the default policy's plan for this per-worker
+    batch, layer for layer; None when the policy mixes norms. Such a policy run would
+    repeat that forced run exactly, so its result is reused. (The forced runs synchronize
+    SyncBN, BCN and BGN over the world, as ``convert_model(norm=...)`` does.)"""
 
     def decisions(policy: Any = None) -> list[tuple]:
         plan = distnorm.plan(
@@ -240,8 +241,16 @@ def policy_same_as(per_worker_batch: int, world_size: int, width: int) -> str | 
         return [(lp.norm, lp.sync_group_size, lp.num_groups) for lp in plan.layers]
 
     chosen = decisions()
-    for norm in ("bn", "sync_bn", "gn_ws"):
-        if decisions({"overrides": {"by_type": {"BatchNorm2d": norm}}}) == chosen:
+    world = world_size if world_size > 1 else None
+    forced = {
+        "bn": "bn",
+        "sync_bn": "sync_bn",
+        "gn_ws": "gn_ws",
+        "bcn": {"norm": "bcn", "sync_group_size": world},
+        "bgn": {"norm": "bgn", "sync_group_size": world},
+    }
+    for norm, override in forced.items():
+        if decisions({"overrides": {"by_type": {"BatchNorm2d": override}}}) == chosen:
             return norm
     return None
 

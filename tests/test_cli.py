@@ -55,7 +55,7 @@ def test_table_with_layout_pretrained_and_input_shape(capsys) -> None:
         capsys,
         EXAMPLE,
         "--per-worker-batch",
-        "1",  # 8 samples in the largest group: under the floor, so GroupNorm
+        "1",  # 8 samples in the largest group: under the floor, so BGN over the 8 ranks
         "--world-size",
         "8",
         "--ranks-per-node",
@@ -65,8 +65,9 @@ def test_table_with_layout_pretrained_and_input_shape(capsys) -> None:
     )
     assert "8 per node" in out and "from scratch" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
-    assert rows["stem.1"][2:6] == ["gn_ws", "(G=8)", "-", "128"]  # 16 channels: G=8 of 2 x 64
-    assert rows["stage2.bn1"][2:6] == ["gn_ws", "(G=16)", "-", "32"]  # 32 channels at 4x4
+    # 16 channels: G=8 groups of 2 channels x 8x8 positions x 8 ranks' samples
+    assert rows["stem.1"][2:6] == ["bgn", "(G=8)", "8", "1024"]
+    assert rows["stage2.bn1"][2:6] == ["bgn", "(G=16)", "8", "256"]  # 32 channels at 4x4
     pretrained = run(
         capsys, EXAMPLE, "--per-worker-batch", "2", "--world-size", "8", "--pretrained"
     )

@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import distnorm
 from distnorm import comm
@@ -16,8 +17,17 @@ from distnorm.examples import small_resnet
 from tests.multiprocess import run_on_ranks
 
 
-def test_one_process_at_batch_two_trains_from_scratch_with_gn_ws() -> None:
+def test_one_process_at_batch_two_trains_from_scratch_with_bgn_and_ws() -> None:
     model = distnorm.convert_model(small_resnet(), per_worker_batch_size=2)
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, _BatchNorm))]
+    assert norms and all(type(m) is distnorm.BatchGroupNorm for m in norms)
+    assert distnorm.conversion_report(model).standardized_convs
+
+
+def test_the_group_norm_fallback_trains_from_scratch_with_gn_ws() -> None:
+    model = distnorm.convert_model(
+        small_resnet(), per_worker_batch_size=2, policy={"scratch_fallback": "gn_ws"}
+    )
     norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
     assert norms and all(type(m) is nn.GroupNorm for m in norms)
     assert distnorm.conversion_report(model).standardized_convs

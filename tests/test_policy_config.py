@@ -57,7 +57,7 @@ def test_a_partial_file_keeps_the_other_defaults(tmp_path: Path) -> None:
     policy = load_policy(path)
     assert policy.name == "mine" and policy.target_batch == 64
     assert policy.sync.max_group_size == 8 and policy.sync.enabled
-    assert policy.scratch_fallback == "gn_ws" and policy.group_norm.num_groups == 32
+    assert policy.scratch_fallback == "bgn" and policy.group_norm.num_groups == 32
     assert policy.overrides.by_name == (
         ("head.*", Override("keep")),
         ("neck.*", Override("gn_ws", num_groups=16)),

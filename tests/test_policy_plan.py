@@ -201,8 +201,12 @@ def test_what_counts_as_normalization() -> None:
 def test_plan_end_to_end_with_a_sample_input() -> None:
     model = Net()
     kinds = [type(m) for m in model.modules()]
-    # 1 image per worker on 8 ranks: no group reaches the floor of 16 samples.
-    result = plan(model, 1, 8, ranks_per_node=8, sample_input=torch.zeros(1, 3, 8, 8))
+    # 1 image per worker on 8 ranks: no group reaches the floor of 16 samples; with
+    # GroupNorm + WS as the fallback.
+    result = plan(
+        model, 1, 8, ranks_per_node=8, sample_input=torch.zeros(1, 3, 8, 8),
+        policy={"scratch_fallback": "gn_ws"},
+    )  # fmt: skip
     assert [type(m) for m in model.modules()] == kinds  # planning changes nothing
     decisions = {
         lp.name: (lp.norm, lp.sync_group_size, lp.values_per_statistic) for lp in result.layers

@@ -42,6 +42,10 @@ def without_floor(policy):
     return dataclasses.replace(policy, min_sync_batch=policy.target_batch)
 
 
+# The default policy with GroupNorm + WS as its fallback (``gn_ws``, no communication).
+GN_FALLBACK = dataclasses.replace(DEFAULT, scratch_fallback="gn_ws")
+
+
 def bn_fact(
     name: str = "layer1.0.bn1",
     channels: int = 64,
@@ -92,9 +96,11 @@ def test_default_decisions(batch: int, world: int, pretrained: bool) -> None:
     elif pretrained:
         assert (layer.norm, layer.sync_group_size, layer.num_groups) == ("frozen_bn", None, None)
         assert layer.values_per_statistic is None  # frozen: no batch statistics
-    else:
-        assert (layer.norm, layer.num_groups) == ("gn_ws", 32)
-        assert layer.values_per_statistic == 2 * 64  # C/G = 2 channels x 64 positions
+    else:  # BGN+WS over the largest allowed group (here: the world, up to a node of 8)
+        group = None if world == 1 else min(world, 8)
+        assert (layer.norm, layer.num_groups, layer.sync_group_size) == ("bgn", 32, group)
+        # C/G = 2 channels x 64 positions x the group's samples
+        assert layer.values_per_statistic == 2 * 64 * batch * (group or 1)
     assert layer.reason
 
 
@@ -126,12 +132,16 @@ def test_group_is_node_aligned_even_when_a_smaller_divisor_reaches_the_target() 
 
 
 def test_cross_node_disabled_and_capped_groups_fall_back() -> None:
-    in_node = without_floor(load_policy({"sync": {"cross_node": False}}))
+    in_node = without_floor(
+        load_policy({"sync": {"cross_node": False}, "scratch_fallback": "gn_ws"})
+    )
     assert decide(bn_fact(), 2, 64, policy=in_node).norm == "gn_ws"
     assert decide(bn_fact(), 4, 64, policy=in_node).sync_group_size == 8
-    capped = without_floor(load_policy({"sync": {"max_group_size": 4}}))
+    capped = without_floor(
+        load_policy({"sync": {"max_group_size": 4}, "scratch_fallback": "gn_ws"})
+    )
     assert decide(bn_fact(), 4, 64, policy=capped).norm == "gn_ws"
-    no_sync = without_floor(load_policy({"sync": {"enabled": False}}))
+    no_sync = without_floor(load_policy({"sync": {"enabled": False}, "scratch_fallback": "gn_ws"}))
     layer = decide(bn_fact(), 16, 64, policy=no_sync)
     assert layer.norm == "gn_ws" and "sync disabled" in layer.reason
 
@@ -147,7 +157,7 @@ def test_a_group_reaching_the_floor_synchronizes_when_none_reaches_the_target() 
         16 * 64,
     )
     assert layer.reason == "at most 2 ranks x 8 = 16 < 32; >= floor 16: largest group, 1 node"
-    assert decide(bn_fact(), 4, 2).norm == "gn_ws"  # 8 samples: under the floor
+    assert decide(bn_fact(), 4, 2).norm == "bgn"  # 8 samples: under the floor
     local = decide(bn_fact(), 16, 1)
     assert (local.norm, local.sync_group_size) == ("bn", None) and "floor 16" in local.reason
     assert decide(bn_fact(), 8, 2, pretrained=True).norm == "frozen_bn"
@@ -166,7 +176,7 @@ def test_target_batch_is_a_knob() -> None:
 def test_squeeze_excitation_and_pooled_layers_take_the_largest_group() -> None:
     # (N, C, 1, 1): at batch 2, local BN sees 2 values and GN would see C/G of one sample.
     se = bn_fact(name="se.bn", shape=(2, 64, 1, 1))
-    no_floor = without_floor(DEFAULT)
+    no_floor = without_floor(GN_FALLBACK)
     layer = decide(se, 2, 8, policy=no_floor)
     assert (layer.norm, layer.sync_group_size, layer.values_per_statistic) == ("sync_bn", 8, 16)
     assert "no spatial extent" in layer.reason
@@ -184,7 +194,7 @@ def test_squeeze_excitation_and_pooled_layers_take_the_largest_group() -> None:
 
 
 def test_channels_that_cannot_be_grouped_take_the_largest_group() -> None:
-    no_floor = without_floor(DEFAULT)
+    no_floor = without_floor(GN_FALLBACK)
     layer = decide(bn_fact(channels=3, shape=(1, 3, 8, 8)), 2, 8, policy=no_floor)
     assert (layer.norm, layer.sync_group_size) == ("sync_bn", 8)
     assert "3 channels cannot be grouped" in layer.reason
@@ -277,7 +287,7 @@ def test_other_normalizations_are_kept_and_listed() -> None:
         layer = decide(other(type_names, is_batch_norm=True), 2, 8)
         assert layer.norm == "keep" and reason in layer.reason
     synced = other(("SyncBatchNorm", "_BatchNorm"), is_batch_norm=True)
-    assert decide(synced, 1, 8).norm == "gn_ws"  # a SyncBatchNorm is planned like any BN
+    assert decide(synced, 1, 8).norm == "bgn"  # a SyncBatchNorm is planned like any BN
 
 
 def test_overrides_by_name_win_over_by_type() -> None:

@@ -100,7 +100,7 @@ class Policy:
     min_sync_batch: int = 16
     pretrained: bool = False
     sync: SyncSettings = field(default_factory=SyncSettings)
-    scratch_fallback: str = "gn_ws"
+    scratch_fallback: str = "bgn"
     backbone: tuple[str, ...] = ("*",)
     group_norm: GroupNormSettings = field(default_factory=GroupNormSettings)
     overrides: Overrides = field(default_factory=Overrides)

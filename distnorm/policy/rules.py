@@ -23,16 +23,17 @@ Defaults, and where they come from:
   Fig. 1 has BN at 16 images per worker within 0.1 point of BN at 32 and ahead of GN,
   behind GN at 8; the accuracy study here (``benchmarks/results/accuracy.md``) agrees.
   Not for a fine-tuned backbone, which stays frozen below the target.
-* **No group reaches the floor, training from scratch: GroupNorm + Weight
-  Standardization** (``gn_ws``; or Batch-Channel Normalization ``bcn`` / Batch Group
-  Normalization ``bgn`` when the policy chooses). GN's statistics do not depend on the
-  batch at all (Wu & He, Fig. 1: flat from 32 down to 2 images per worker); WS on the
-  preceding convolution closes most of the remaining gap to large-batch BN, and BCN
-  closes it further (Qiao et al., 2019, "Micro-Batch Training with Batch-Channel
-  Normalization and Weight Standardization", arXiv:1903.10520). G = 32 groups
-  (Wu & He, Sec. 3.1), reduced to a divisor of C by ``choose_num_groups``. BCN's batch
-  part pools its estimates over the largest allowed sync group (one forward all-reduce);
-  BGN stays local unless an override gives it a ``sync_group_size``.
+* **No group reaches the floor, training from scratch: Batch Group Normalization +
+  Weight Standardization over the largest allowed group** (``bgn``; Zhou et al. 2020,
+  arXiv:2012.02782): BatchNorm whose statistics pool C/G channels, so even a few images
+  give them many values; one all-reduce each way, as SyncBN. With WS it was the best
+  normalization at every per-worker batch below 32 in the accuracy study here
+  (``benchmarks/results/accuracy.md``), ahead of GN+WS by 0.8-2.5 points. The policy may
+  choose ``gn_ws`` instead (GroupNorm + WS: statistics per sample, flat in the batch, no
+  communication; Wu & He, Fig. 1; Qiao et al., 2019, arXiv:1903.10520) or ``bcn``
+  (Batch-Channel Normalization + WS, its estimates pooled over the largest allowed group
+  with one forward all-reduce). G = 32 groups (Wu & He, Sec. 3.1), reduced to a divisor
+  of C by ``choose_num_groups``.
 * **No group reaches the target, fine-tuning a BN-pretrained model: FrozenBatchNorm in
   the backbone.** Fine-tuning with a few images per GPU would re-estimate the pretrained
   statistics from noise; detectron2 freezes them (``FrozenBatchNorm2d``, and its default
@@ -265,10 +266,10 @@ def _scratch(fact: NormFact, context: _Context, why: str, role: str) -> LayerPla
         return _largest_group(
             fact, context, f"{why}; {fact.num_channels} channels cannot be grouped"
         )
-    # BCN's batch part only updates estimates, with one forward all-reduce of 2C + 1
-    # values and none backward: pooling them over the largest allowed group is nearly
-    # free. BGN's batch statistics would need SyncBN's backward collective too: local.
-    group = context.candidates[-1] if fallback == "bcn" and context.candidates else None
+    # Pooled over the largest allowed group: BCN's estimates (one forward all-reduce) and
+    # BGN's statistics (one each way, as SyncBN's), the more samples the better below the
+    # floor; the accuracy study measured BGN+WS synchronized so.
+    group = context.candidates[-1] if fallback in ("bcn", "bgn") and context.candidates else None
     return _layer(
         fact,
         fallback,
