@@ -218,7 +218,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if groups == channels:
             output = kernels.normalize(input, mean, var, invstd, weight, bias, eps)
             centre, channel_invstd = mean, invstd
-            scale = invstd if weight is None else invstd * weight
+            # The input gradient's factor; CUDA's fused backward kernel computes it itself.
+            cuda_backward = input.is_cuda and input.numel() > 0
+            scale = None if cuda_backward else invstd if weight is None else invstd * weight
         else:
             centre, channel_invstd = stats[::2].repeat_interleave(channels // groups, dim=1)
             scale = channel_invstd if weight is None else channel_invstd * weight
