@@ -132,9 +132,9 @@ def wrap(
     return engine
 
 
-def layer_fingerprints(model: nn.Module) -> dict[str, dict[str, str]]:
-    """Each normalization layer's class, sync group and a SHA-256 of its running
-    statistics: equal digests on every rank mean bitwise-identical statistics."""
+def layer_fingerprints(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Each normalization layer's class, sync group (and its member ranks) and a SHA-256 of
+    its running statistics: equal digests on two ranks mean bitwise-identical statistics."""
     modules = dict(model.named_modules())
     fingerprints = {}
     for row in distnorm.conversion_report(model).rows:
@@ -143,8 +143,17 @@ def layer_fingerprints(model: nn.Module) -> dict[str, dict[str, str]]:
         for buffer in module.buffers(recurse=False):
             digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
         fingerprints[row.name] = {"now": row.converted, "group": row.sync_group}
+        fingerprints[row.name]["group_ranks"] = sync_ranks(module)
         fingerprints[row.name]["running_stats_sha256"] = digest.hexdigest()
     return fingerprints
+
+
+def sync_ranks(module: nn.Module) -> list[int] | None:
+    """The ranks whose batches a layer's statistics span (None: it shares nothing)."""
+    group = getattr(module, "process_group", distnorm.comm.LOCAL)
+    if group is distnorm.comm.LOCAL or not dist.is_initialized():
+        return None
+    return dist.get_process_group_ranks(group or dist.group.WORLD)
 
 
 def state_digest(model: nn.Module) -> str:
@@ -177,6 +186,8 @@ def write_summary(
     record.update(
         rank=ctx.rank,
         world_size=ctx.world_size,
+        local_rank=ctx.local_rank,
+        node_rank=os.environ.get("GROUP_RANK"),  # torchrun's node (agent) rank, if any
         engine_world_size=engine.world_size,
         launcher=ctx.launcher,
         engine=engine.name,
