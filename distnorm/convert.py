@@ -14,12 +14,15 @@ converted to GN+WS (or BCN): :func:`distnorm.graph.conv_norm_links` finds them b
 the model with torch.fx, falling back to module order where tracing fails, and the
 conversion report lists every convolution it standardized.
 
-BatchNorm subclasses that add behaviour (timm's ``BatchNormAct2d`` style: an activation
-after the norm) become, for ``sync_bn``, a subclass of *both* their own class and
-SyncBatchNorm, so their extra behaviour stays; if such a class computes the normalization
-itself instead of calling ``super().forward``, its first forward raises
-:class:`ConversionError` naming the module. No other normalization can keep such a class's
-behaviour, so converting one to them is refused, naming the module.
+Converted SyncBN and FrozenBN layers are instances of the torch class they replaced
+(``SyncBatchNorm2d`` is an ``nn.BatchNorm2d``), so tools that find BatchNorms by type find
+them; every converted layer accepts the input ranks its original accepted, no others.
+Norm-act layers (timm's ``BatchNormAct2d``; :func:`distnorm.register_norm_act`) become
+the chosen normalization followed by their own dropout and activation, under every norm.
+Other BatchNorm subclasses become, for ``sync_bn``, a subclass of *both* their own class
+and SyncBatchNorm, so their extra behaviour stays; if such a class computes the
+normalization itself instead of calling ``super().forward``, its first forward raises
+:class:`ConversionError` naming the module; converting one to another norm is refused.
 
 ``revert_model`` gives back plain torch modules with identical eval outputs, for export:
 the original BatchNorm classes (BGN with its group statistics spread over the channels;
@@ -48,10 +51,22 @@ from distnorm.errors import ConversionError, layer_label
 from distnorm.graph import conv_norm_links
 from distnorm.layers.batch_channel_norm import BatchChannelNorm
 from distnorm.layers.batch_group_norm import BatchGroupNorm
-from distnorm.layers.frozen_batchnorm import FrozenBatchNorm
-from distnorm.layers.group_norm import check_num_groups, choose_num_groups
+from distnorm.layers.frozen_batchnorm import (
+    FrozenBatchNorm,
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+)
+from distnorm.layers.group_norm import GroupNorm, check_num_groups, choose_num_groups
+from distnorm.layers.inputs import input_dims_of
+from distnorm.layers.norm_act import TORCH_BATCHNORMS, NormAct, post_modules_of
 from distnorm.layers.std_conv import WSConv1d, WSConv2d, WSConv3d
-from distnorm.layers.sync_batchnorm import SyncBatchNorm
+from distnorm.layers.sync_batchnorm import (
+    SyncBatchNorm,
+    SyncBatchNorm1d,
+    SyncBatchNorm2d,
+    SyncBatchNorm3d,
+)
 from distnorm.logs import get_logger
 from distnorm.policy import Plan
 from distnorm.policy import plan as make_plan
@@ -59,10 +74,6 @@ from distnorm.policy.plans import NORMS as PLAN_NORMS
 from distnorm.table import format_table
 
 logger = get_logger(__name__)
-
-# torch's own BatchNorm classes: their forward is the plain BatchNorm transform, so they
-# become a plain distnorm layer. Any other _BatchNorm subclass keeps its class (see above).
-TORCH_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 # Normalization layers that distnorm leaves as they are; listed in reports so that the
 # user sees they were considered, not missed.
@@ -80,6 +91,15 @@ _LAYER_OF_NORM = {
     "sync_bn": SyncBatchNorm,
 }
 
+# The BatchNorm-shaped layers (per-channel statistics and affine) as subclasses of torch's
+# BatchNorm1d/2d/3d, so that tools finding BatchNorms by type find the converted layers.
+_LAYER_OF_DIMENSION = {
+    SyncBatchNorm: {nn.BatchNorm1d: SyncBatchNorm1d, nn.BatchNorm2d: SyncBatchNorm2d,
+                    nn.BatchNorm3d: SyncBatchNorm3d},
+    FrozenBatchNorm: {nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d,
+                      nn.BatchNorm3d: FrozenBatchNorm3d},
+}  # fmt: skip
+
 # Weight-standardized convolutions by the torch convolution they replace.
 _WS_CONV_OF = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
 _CONV_OF_WS = {ws: conv for conv, ws in _WS_CONV_OF.items()}
@@ -95,6 +115,7 @@ _DISTNORM_ATTRIBUTES = (
     "check_sync",
     "nonfinite",
     "_sync_layer_id",
+    "input_dims",
 )
 
 
@@ -336,22 +357,27 @@ def _converted(
             f"{_where(name, module)} is a lazy module whose parameters are not yet "
             "materialized; run one forward pass before convert_model"
         )
-    if type(module) not in TORCH_BATCHNORMS and target.norm != "sync_bn":
+    post = post_modules_of(module)  # a norm-act layer's dropout and activation
+    own_forward = type(module) not in TORCH_BATCHNORMS and post is None
+    if own_forward and target.norm != "sync_bn":
         raise ConversionError(
             f"{_where(name, module)} is a BatchNorm subclass with behaviour of its own; only "
             f"'sync_bn' keeps it (by calling its forward), {target.norm!r} would drop it. "
-            "Convert this layer to 'sync_bn' or 'bn', or replace the class in the model"
+            "Convert this layer to 'sync_bn' or 'bn'; or, if it is BatchNorm followed by "
+            "submodules such as dropout and an activation, declare them with "
+            "distnorm.register_norm_act(cls, post=[...])"
         )
     if target.norm == "gn_ws":
-        converted = _group_norm(name, module, target.num_groups)
+        converted = _group_norm(name, module, target.num_groups, post or ())
     elif target.norm == "frozen_bn":
-        converted = _reclass(module, FrozenBatchNorm)
+        converted = _reclass(module, _layer_class(FrozenBatchNorm, type(module), post or ()))
         converted._freeze()
     else:  # the synchronized layers
-        if target.norm == "sync_bn" and type(module) not in TORCH_BATCHNORMS:
+        if own_forward:
             converted = _reclass(module, _synchronized(type(module)))
         else:
-            converted = _reclass(module, _LAYER_OF_NORM[target.norm])
+            layer = _LAYER_OF_NORM[target.norm]
+            converted = _reclass(module, _layer_class(layer, type(module), post or ()))
         group = target.process_group
         if group is None:  # torch's SyncBatchNorm brings a group of its own
             group = getattr(module, "process_group", None)
@@ -361,9 +387,45 @@ def _converted(
             converted._init_group_state(_num_groups(name, module, target.num_groups))
         elif target.norm == "bcn":
             converted._init_channel_state(_num_groups(name, module, target.num_groups))
+    converted.input_dims = input_dims_of(type(module))
     converted._distnorm_origin = type(module)
     converted._distnorm_name = name
     return converted
+
+
+@functools.cache
+def _layer_class(
+    layer: type[nn.Module], origin: type[nn.Module], post: tuple[str, ...]
+) -> type[nn.Module]:
+    """The class a BatchNorm of class ``origin`` becomes as a ``layer``: ``layer`` itself,
+    its 1d/2d/3d subclass for torch's BatchNorm1d/2d/3d (BatchNorm-shaped layers only),
+    and for a norm-act ``origin`` (``post``: its dropout and activation) a subclass of
+    :class:`NormAct`, ``layer`` and, when BatchNorm-shaped, ``origin`` too."""
+    by_dimension = _LAYER_OF_DIMENSION.get(layer)
+    made = layer
+    if by_dimension is not None:
+        base = next((b for b in by_dimension if issubclass(origin, b)), None)
+        made = by_dimension.get(base, layer)  # type: ignore[arg-type]
+    if origin in TORCH_BATCHNORMS or not post:
+        return made
+    bases = (NormAct, made) if by_dimension is None else (NormAct, made, origin)
+    dimension = made.__name__[-2:] if made.__name__[-2:] in ("1d", "2d", "3d") else ""
+    name = f"{made.__name__.removesuffix(dimension)}Act{dimension}"  # e.g. SyncBatchNormAct2d
+
+    def reduce(self: nn.Module, protocol: Any) -> Any:
+        # Pickle by the classes it is made of: the class is made again on load.
+        return (_new_layer, (layer, origin, post), self.__getstate__())
+
+    return type(
+        name,
+        bases,
+        {"post_modules": post, "__reduce_ex__": reduce, "__module__": __name__},
+    )
+
+
+def _new_layer(layer: type[nn.Module], origin: type[nn.Module], post: tuple[str, ...]) -> Any:
+    """Unpickling helper for :func:`_layer_class`'s classes."""
+    return object.__new__(_layer_class(layer, origin, post))
 
 
 def _num_groups(name: str, module: _BatchNorm, forced: int | None) -> int:
@@ -374,16 +436,21 @@ def _num_groups(name: str, module: _BatchNorm, forced: int | None) -> int:
     return check_num_groups(module.num_features, forced, layer=_where(name, module))
 
 
-def _group_norm(name: str, module: _BatchNorm, num_groups: int | None) -> nn.GroupNorm:
-    """A GroupNorm over the same channels, sharing the BatchNorm's affine parameters."""
+def _group_norm(
+    name: str, module: _BatchNorm, num_groups: int | None, post: tuple[str, ...]
+) -> GroupNorm:
+    """A GroupNorm over the same channels, sharing the BatchNorm's affine parameters (and
+    a norm-act's ``post`` submodules)."""
     groups = _num_groups(name, module, num_groups)
     reference = module.weight if module.weight is not None else module.running_mean
-    layer = nn.GroupNorm(
+    layer = _layer_class(GroupNorm, type(module), post)(
         groups, module.num_features, eps=module.eps, affine=False,
         device=None if reference is None else reference.device,
     )  # fmt: skip
     layer.affine = module.affine
     layer.weight, layer.bias = module.weight, module.bias
+    for submodule in post:
+        layer.add_module(submodule, module._modules[submodule])
     layer.train(module.training)
     return layer
 
@@ -414,14 +481,18 @@ def revert_model(model: nn.Module) -> nn.Module:
         origin = getattr(module, "_distnorm_origin", None)
         if type(module) in _CONV_OF_WS:
             return _plain_conv(module, origin or _CONV_OF_WS[type(module)])
-        if isinstance(module, nn.GroupNorm) and origin is not None:
-            del module._distnorm_origin, module._distnorm_name  # a GroupNorm it stays
-            return None
+        post = getattr(module, "post_modules", ())  # a norm-act layer's dropout, activation
+        if isinstance(module, GroupNorm):  # a GroupNorm it stays
+            group_norm = _reclass(module, nn.GroupNorm)
+            for attribute in ("_distnorm_origin", "_distnorm_name", "input_dims"):
+                group_norm.__dict__.pop(attribute, None)
+            return _followed_by(group_norm, module, post)
         if _norm_of(module) is None:
             return None
         origin = origin or nn.BatchNorm2d
         if isinstance(module, BatchChannelNorm):
-            return module.to_torch(origin)
+            torch_class = next(c for c in origin.__mro__ if c in TORCH_BATCHNORMS)
+            return _followed_by(module.to_torch(torch_class), module, post)
         reverted = _reclass(module, origin)
         if isinstance(module, BatchGroupNorm) and module.channel_running_stats() is not None:
             reverted.running_mean, reverted.running_var = module.channel_running_stats()
@@ -440,6 +511,16 @@ def _drop_distnorm_attributes(module: nn.Module, keep_process_group: bool) -> No
         if attribute == "process_group" and keep_process_group:
             continue  # torch's SyncBatchNorm holds a process group of its own
         module.__dict__.pop(attribute, None)
+
+
+def _followed_by(norm: nn.Module, layer: nn.Module, post: tuple[str, ...]) -> nn.Module:
+    """``norm`` alone, or ``Sequential(norm, *post)`` with the norm-act ``layer``'s ``post``
+    submodules (taken out of ``norm``, which may hold them as a copy of ``layer``)."""
+    if not post:
+        return norm
+    for submodule in post:
+        norm._modules.pop(submodule, None)
+    return nn.Sequential(norm, *(layer._modules[submodule] for submodule in post))
 
 
 def _plain_conv(conv: nn.Module, origin: type[nn.Module]) -> nn.Module:
@@ -580,8 +661,9 @@ def _synchronized(cls: type[_BatchNorm]) -> type[SyncBatchNorm]:
                     f"{layer_label(self)}: {cls.__qualname__}.forward computes the "
                     "normalization without calling super().forward(), so distnorm cannot "
                     "synchronize its statistics. Make it call super().forward(input) for the "
-                    "BatchNorm part, or replace it with distnorm.SyncBatchNorm followed by "
-                    "its extra layers."
+                    "BatchNorm part; or, if it is BatchNorm followed by submodules such as "
+                    "dropout and an activation, declare them with "
+                    "distnorm.register_norm_act(cls, post=[...])."
                 )
             return output
 

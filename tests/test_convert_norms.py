@@ -57,11 +57,11 @@ NORM_NAMES = {
 }
 LAYER_OF = {
     "bn": nn.BatchNorm2d,
-    "sync_bn": SyncBatchNorm,
-    "gn_ws": nn.GroupNorm,
+    "sync_bn": distnorm.SyncBatchNorm2d,
+    "gn_ws": distnorm.layers.GroupNorm,
     "bcn": BatchChannelNorm,
     "bgn": BatchGroupNorm,
-    "frozen_bn": FrozenBatchNorm,
+    "frozen_bn": distnorm.FrozenBatchNorm2d,
 }
 
 

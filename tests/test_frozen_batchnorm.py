@@ -71,7 +71,7 @@ def test_identical_to_the_batchnorms_eval_output_and_back() -> None:
     x = torch.randn(3, 4, 5, 5)
     expected = bn.eval()(x)
     model = distnorm.convert_model(nn.Sequential(copy.deepcopy(bn).train()), norm="frozen_bn")
-    assert type(model[0]) is FrozenBatchNorm
+    assert type(model[0]) is distnorm.FrozenBatchNorm2d
     assert list(model.state_dict()) == ["0." + k for k in bn.state_dict()]
     assert torch.equal(model.train()(x), expected)
     assert not any(p.requires_grad for p in model.parameters())

@@ -194,7 +194,7 @@ def test_converted_layers_keep_bitwise_identical_running_statistics(runs: Runs, 
     assert {layer["norm"] for layer in plan["layers"]} == {"sync_bn"}
     assert {layer["sync_group_size"] for layer in plan["layers"]} == {2}
     layers = rank0["norm_layers"]
-    assert len(layers) == 6 and {v["now"] for v in layers.values()} == {"SyncBatchNorm"}
+    assert len(layers) == 6 and {v["now"] for v in layers.values()} == {"SyncBatchNorm2d"}
     for layer, fingerprint in layers.items():
         other = rank1["norm_layers"][layer]["running_stats_sha256"]
         assert fingerprint["running_stats_sha256"] == other, f"{name}: {layer} differs by rank"

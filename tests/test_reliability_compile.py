@@ -102,5 +102,5 @@ def test_compiled_on_two_gloo_processes_trains_as_eager_and_still_catches_mismat
         assert_same_training(results)
         name = "'a'" if rank == 0 else "'b'"
         assert results["mismatch"].startswith(
-            f"SyncBatchNorm {name}: rank {rank} was in the shift collective, but the ranks"
+            f"SyncBatchNorm2d {name}: rank {rank} was in the shift collective, but the ranks"
         )

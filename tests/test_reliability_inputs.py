@@ -28,9 +28,9 @@ LAYERS = {
 }
 
 
-def named(kind: str) -> nn.Module:
+def named(kind: str, original: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
     norm, attributes = LAYERS[kind]
-    model = nn.Sequential(nn.Identity(), nn.BatchNorm2d(CHANNELS))
+    model = nn.Sequential(nn.Identity(), original(CHANNELS))
     layer = distnorm.convert_model(model, norm=norm, num_groups=2)[1]
     for attribute, value in attributes.items():
         setattr(layer, attribute, value)
@@ -38,7 +38,7 @@ def named(kind: str) -> nn.Module:
 
 
 BAD_INPUTS = {
-    "1-d": (torch.randn(CHANNELS), r"\(N, (C|4), \*\)"),
+    "1-d": (torch.randn(CHANNELS), r"\(N, (C|4), \*\)|expects 4-D input, got 1-D"),
     "wrong-channels": (
         torch.randn(2, CHANNELS + 1, 3, 3),
         "4 channels but its input has 5|got shape",
@@ -60,12 +60,12 @@ def test_bad_input_is_refused_naming_the_layer(kind: str, bad: str, training: bo
 
 @pytest.mark.parametrize("group", [None, comm.LOCAL], ids=["world-of-one", "local-group"])
 def test_a_batch_of_one_with_no_peers_says_which_policy_choice_fixes_it(group) -> None:
-    layer = named("sync_bn")
+    layer = named("sync_bn", nn.BatchNorm1d)
     layer.process_group = group
     with pytest.raises(distnorm.InputError) as error:
         layer(torch.randn(1, CHANNELS))
     message = str(error.value)
-    assert message.startswith("SyncBatchNorm '1' got 1 value per channel")
+    assert message.startswith("SyncBatchNorm1d '1' got 1 value per channel")
     for choice in ("'sync_bn'", "'gn_ws'", "'frozen_bn'"):
         assert choice in message
     # What the message suggests works: GroupNorm needs no batch statistics.

@@ -208,7 +208,7 @@ def test_layer_a_against_layer_b_raises_on_every_rank_naming_its_layer(results) 
         error = result["a_vs_b"]["error"]
         assert error is not None and error.startswith("SyncMismatchError: ")
         name = "'b'" if rank == 2 else "'a'"
-        assert f"SyncBatchNorm {name}: rank {rank} was in the forward collective" in error
+        assert f"SyncBatchNorm2d {name}: rank {rank} was in the forward collective" in error
         assert "even_steps" in error and "check_sync=False" in error
         # Nothing changed: the statistics are those of the matched step, on every rank.
         assert_statistics(result["a_vs_b"]["after"]["a"], result["a_vs_b"]["before"]["a"])
@@ -218,9 +218,10 @@ def test_layer_a_against_layer_b_raises_on_every_rank_naming_its_layer(results) 
 
 def test_a_layer_called_twice_on_one_rank_is_caught_at_the_first_unmatched_call(results) -> None:
     errors = [result["twice"]["error"] for result in results]
-    assert "SyncBatchNorm 'a': rank 0 was in the forward collective of training call 2" in errors[0]
+    expected = "SyncBatchNorm2d 'a': rank 0 was in the forward collective of training call 2"
+    assert expected in errors[0]
     for rank in (1, 2):
-        assert errors[rank].startswith("SyncMismatchError: SyncBatchNorm 'b'")
+        assert errors[rank].startswith("SyncMismatchError: SyncBatchNorm2d 'b'")
         assert "the shift collective" in errors[rank]  # b's first call agrees on a shift
     for result in results:  # a's one matched call counted; b never updated
         assert_statistics(result["twice"]["a"], expected_running([global_batch(2)]))
@@ -231,7 +232,7 @@ def test_a_layer_called_twice_on_one_rank_is_caught_at_the_first_unmatched_call(
 def test_a_mismatch_in_backward_is_caught_on_every_rank(results) -> None:
     for rank, result in enumerate(results):
         error = result["backward"]["error"]
-        assert error is not None and error.startswith("SyncMismatchError: SyncBatchNorm 'a'")
+        assert error is not None and error.startswith("SyncMismatchError: SyncBatchNorm2d 'a'")
         direction = "forward collective of training call 2" if rank == 2 else "backward"
         assert direction in error
         assert_statistics(result["backward"]["a"], result["backward"]["before"])

@@ -180,7 +180,9 @@ def test_warns_once_per_process_naming_the_layer(results) -> None:
     for rank_results in results:
         assert rank_results["skip"]["warnings"] == []
         (message,) = rank_results["warn"]["warnings"]
-        assert message.startswith("SyncBatchNorm 'a': a training batch's statistics are not finite")
+        assert message.startswith(
+            "SyncBatchNorm2d 'a': a training batch's statistics are not finite"
+        )
         assert "nonfinite='raise'" in message
 
 
@@ -195,7 +197,7 @@ def test_raise_stops_every_rank_at_the_nonfinite_batch_with_statistics_unchanged
     for rank_results in results:
         first, second = rank_results["raise"]["errors"]
         assert first is None
-        assert second.startswith("InputError: SyncBatchNorm 'a': a training batch's statistics")
+        assert second.startswith("InputError: SyncBatchNorm2d 'a': a training batch's statistics")
         state = rank_results["raise"]["state"]
         assert_statistics(state, "a.", *batchnorm_running([0], MOMENTUM), batches=1)
 

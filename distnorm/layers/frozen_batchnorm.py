@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm.errors import InputError, layer_label
@@ -43,6 +43,8 @@ class FrozenBatchNorm(_BatchNorm):
     Built from a trained BatchNorm by :func:`distnorm.convert_model` (``norm="frozen_bn"``)
     or constructed directly, then loaded from a BatchNorm checkpoint.
     """
+
+    input_dims: tuple[int, ...] | None = None  # as SyncBatchNorm's
 
     def __init__(
         self,
@@ -74,7 +76,7 @@ class FrozenBatchNorm(_BatchNorm):
                 parameter.requires_grad_(False)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        check_channels_input(self, input, self.num_features)
+        check_channels_input(self, input, self.num_features, self.input_dims)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -85,3 +87,22 @@ class FrozenBatchNorm(_BatchNorm):
         return F.batch_norm(
             input, self.running_mean, self.running_var, weight, bias, False, 0.0, self.eps
         )
+
+
+class FrozenBatchNorm1d(FrozenBatchNorm, nn.BatchNorm1d):
+    """:class:`FrozenBatchNorm` that is an ``nn.BatchNorm1d`` (tools that find BatchNorms by
+    type find it) and accepts its inputs only, ``(N, C)`` and ``(N, C, L)``."""
+
+    input_dims = (2, 3)
+
+
+class FrozenBatchNorm2d(FrozenBatchNorm, nn.BatchNorm2d):
+    """:class:`FrozenBatchNorm` that is an ``nn.BatchNorm2d``, for ``(N, C, H, W)`` inputs."""
+
+    input_dims = (4,)
+
+
+class FrozenBatchNorm3d(FrozenBatchNorm, nn.BatchNorm3d):
+    """:class:`FrozenBatchNorm` that is an ``nn.BatchNorm3d``, for ``(N, C, D, H, W)`` inputs."""
+
+    input_dims = (5,)

@@ -8,13 +8,17 @@ G = 1 is LayerNorm and C/G = 1 is InstanceNorm, both clearly worse in that table
 a grouping that degenerates to either is not accepted silently.
 
 Used for GroupNorm converted from BatchNorm and for the channel part of Batch-Channel
-Normalization (Qiao et al.), which groups channels the same way. The layer itself is
-``torch.nn.GroupNorm``: its kernel computes Eq. (1)-(3) already.
+Normalization (Qiao et al.), which groups channels the same way. The maths is
+``torch.nn.GroupNorm``'s kernel, which computes Eq. (1)-(3) already; :class:`GroupNorm`
+adds the input check of the BatchNorm it replaced.
 """
 
 from __future__ import annotations
 
+from torch import Tensor, nn
+
 from distnorm.errors import InputError
+from distnorm.layers.inputs import check_channels_input
 
 DEFAULT_NUM_GROUPS = 32
 DEFAULT_MIN_CHANNELS_PER_GROUP = 2
@@ -62,3 +66,15 @@ def check_num_groups(num_channels: int, num_groups: int, *, layer: str = "layer"
             f"divide into groups of whole channels; num_groups must be one of {divisors}"
         )
     return num_groups
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` in a converted BatchNorm's place: refuses, with :class:`InputError`
+    naming it, inputs the BatchNorm refused (``input_dims``: the accepted ranks, None for
+    any from 2). :func:`distnorm.revert_model` makes it a plain ``nn.GroupNorm`` again."""
+
+    input_dims: tuple[int, ...] | None = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_channels_input(self, input, self.num_channels, self.input_dims)
+        return super().forward(input)

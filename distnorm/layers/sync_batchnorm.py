@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm import comm, health
@@ -328,6 +328,10 @@ class SyncBatchNorm(_BatchNorm):
     synchronized call of the next step.
     """
 
+    # The input ranks accepted (None: any from 2); the 1d/2d/3d classes and layers
+    # converted from torch's BatchNorm1d/2d/3d accept those classes' ranks only.
+    input_dims: tuple[int, ...] | None = None
+
     def __init__(
         self,
         num_features: int,
@@ -384,7 +388,7 @@ class SyncBatchNorm(_BatchNorm):
         health.MONITOR.register(self)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        check_channels_input(self, input, self.num_features)
+        check_channels_input(self, input, self.num_features, self.input_dims)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -584,3 +588,22 @@ class SyncBatchNorm(_BatchNorm):
         for running, batch in ((self.running_mean, mean), (self.running_var, unbiased_var)):
             # running + f * (batch - running); with batch := running, exactly running.
             running.lerp_(torch.where(ok, batch.to(running.dtype), running), factor)
+
+
+class SyncBatchNorm1d(SyncBatchNorm, nn.BatchNorm1d):
+    """:class:`SyncBatchNorm` that is an ``nn.BatchNorm1d`` (tools that find BatchNorms by
+    type find it) and accepts its inputs only, ``(N, C)`` and ``(N, C, L)``."""
+
+    input_dims = (2, 3)
+
+
+class SyncBatchNorm2d(SyncBatchNorm, nn.BatchNorm2d):
+    """:class:`SyncBatchNorm` that is an ``nn.BatchNorm2d``, for ``(N, C, H, W)`` inputs."""
+
+    input_dims = (4,)
+
+
+class SyncBatchNorm3d(SyncBatchNorm, nn.BatchNorm3d):
+    """:class:`SyncBatchNorm` that is an ``nn.BatchNorm3d``, for ``(N, C, D, H, W)`` inputs."""
+
+    input_dims = (5,)

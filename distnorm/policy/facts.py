@@ -25,6 +25,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from distnorm.errors import PolicyError
+from distnorm.layers.frozen_batchnorm import FrozenBatchNorm
+from distnorm.layers.norm_act import TORCH_BATCHNORMS, post_modules_of
+from distnorm.layers.sync_batchnorm import SyncBatchNorm
 
 # Normalization layers torch defines; anything else counts when its class name says
 # "Norm" and it has no submodules (a leaf), so that e.g. timm's NormMlpClassifierHead, a
@@ -41,6 +44,9 @@ class NormFact:
     policy may change; ``num_channels`` is C when known; ``input_shape`` is the
     smallest-per-channel shape it received from the sample input (``None`` without one,
     or when the sample never reached it) and ``sample_batch`` that input's batch size.
+    ``own_forward``: a BatchNorm subclass that computes the normalization in a forward of its
+    own (not torch's, not distnorm's, not a registered norm-act layer), which only SyncBN
+    (calling that forward) keeps.
     """
 
     name: str
@@ -51,6 +57,7 @@ class NormFact:
     track_running_stats: bool
     input_shape: tuple[int, ...] | None = None
     sample_batch: int | None = None
+    own_forward: bool = False
 
     @property
     def spatial_size(self) -> int | None:
@@ -76,9 +83,20 @@ class NormFact:
 
 def is_normalization(module: nn.Module) -> bool:
     """Whether ``module`` is a normalization layer for the purposes of a plan."""
-    if isinstance(module, TORCH_NORMS):
+    if isinstance(module, TORCH_NORMS) or post_modules_of(module) is not None:
         return True
     return "Norm" in type(module).__name__ and next(module.children(), None) is None
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm subclass whose forward distnorm cannot replace:
+    see :attr:`NormFact.own_forward`."""
+    return (
+        isinstance(module, _BatchNorm)
+        and type(module) not in TORCH_BATCHNORMS
+        and not isinstance(module, (SyncBatchNorm, FrozenBatchNorm))
+        and post_modules_of(module) is None
+    )
 
 
 def collect_facts(model: nn.Module, sample_input: Any = None) -> tuple[NormFact, ...]:
@@ -106,6 +124,7 @@ def collect_facts(model: nn.Module, sample_input: Any = None) -> tuple[NormFact,
             track_running_stats=bool(getattr(module, "track_running_stats", True)),
             input_shape=shapes.get(name),
             sample_batch=sample_batch,
+            own_forward=has_own_forward(module),
         )
         for name, module in norms
     )

@@ -45,6 +45,9 @@ Defaults, and where they come from:
   sample, so such a layer, and one whose channels cannot be grouped, takes the largest
   sync group the policy allows instead (local BatchNorm when there is none). Without a
   sample input, a BatchNorm1d is assumed to see ``(N, C)`` (its use in MLP heads).
+* **A BatchNorm subclass computing the normalization in a forward of its own** (not a
+  norm-act layer registered with ``distnorm.register_norm_act``): only SyncBN keeps that
+  forward, so where another norm would be chosen it gets the largest allowed sync group.
 * **LayerNorm, GroupNorm, RMSNorm, InstanceNorm and anything else**: per-sample or
   unknown statistics, left alone and listed.
 """
@@ -63,6 +66,8 @@ from distnorm.policy.facts import NormFact
 from distnorm.policy.plans import GROUPED_NORMS, SYNCABLE_NORMS, LayerPlan, Plan
 
 _FALLBACK_NAMES = {"gn_ws": "GN+WS", "bcn": "BCN+WS", "bgn": "BGN+WS"}
+# What a BatchNorm subclass with a forward of its own can become (NormFact.own_forward).
+_OWN_FORWARD_NORMS = ("bn", "sync_bn", "keep")
 # distnorm's own BatchNorm subclasses that are a decision already made: planning a
 # converted model again leaves them alone (SyncBatchNorm is planned like any BatchNorm).
 _DISTNORM_NORMS = ("BatchChannelNorm", "BatchGroupNorm")
@@ -198,6 +203,14 @@ class _Context:
 
 
 def _decide(fact: NormFact, context: _Context) -> LayerPlan:
+    decision = _best(fact, context)
+    if fact.own_forward and decision.norm not in _OWN_FORWARD_NORMS:
+        # Only SyncBN keeps a forward distnorm cannot replace (by calling it).
+        return _largest_group(fact, context, f"{decision.reason}; own forward")
+    return decision
+
+
+def _best(fact: NormFact, context: _Context) -> LayerPlan:
     if not fact.is_batch_norm:
         return _layer(fact, "keep", reason=_why_kept(fact))
     forced = _override_for(fact, context.policy)
@@ -300,6 +313,13 @@ def _forced(fact: NormFact, context: _Context, key: str, override: Override) -> 
     where = f"{key} for {_label(fact)}"
     if norm == "keep":
         return _layer(fact, "keep", reason=reason)
+    if fact.own_forward and norm not in _OWN_FORWARD_NORMS:
+        raise PolicyError(
+            f"{where}: {fact.type_name} computes BatchNorm in a forward of its own, which "
+            f"{norm} would drop; only sync_bn and bn keep it. If it is BatchNorm followed "
+            "by submodules (dropout, activation), declare them with "
+            "distnorm.register_norm_act, and every norm can replace it"
+        )
     if norm == "frozen_bn" and not fact.track_running_stats:
         raise PolicyError(
             f"{where}: frozen_bn needs running statistics, and this layer has "
