@@ -18,12 +18,12 @@ mesh, train a few SGD steps on rank-specific data, and check:
   averages from the recorded layer inputs matches them to fp32 rounding, far tighter than
   bf16 (8 bits of mantissa) could reach. They stay close to the fp32 run's, within what
   bf16 activations allow;
-* where the bf16 policy stops (strict xfails, ``expected scalar type BFloat16 but found
-  Float``): the paths through torch's BatchNorm kernel (eval of SyncBN and BGN, FrozenBN,
-  torch's own BatchNorm) get FSDP2's bf16 weight beside fp32 running statistics. Batch-
-  Channel Norm and GN+WS run, and so does every norm made an FSDP2 unit of its own whose
-  parameters stay fp32 (``MixedPrecisionPolicy(cast_forward_inputs=False)``), the way
-  around it.
+* under the bf16 policy every distnorm norm trains and evaluates: the paths through
+  torch's BatchNorm kernel (eval of SyncBN and BGN, FrozenBN) cast FSDP2's bf16 weight to
+  the fp32 running statistics' dtype. torch's own BatchNorm (``norm="bn"``) stops at
+  ``expected scalar type BFloat16 but found Float`` (a strict xfail); every norm made an
+  FSDP2 unit of its own whose parameters stay fp32
+  (``MixedPrecisionPolicy(cast_forward_inputs=False)``) runs, the way around it.
 """
 
 from __future__ import annotations
@@ -310,10 +310,9 @@ def test_bf16_parameters_keep_statistics_close_to_fp32(
 # Where the bf16 policy stops: torch's BatchNorm kernel takes a bf16 input with fp32
 # weight, bias and running statistics ("mixed type"), or everything in bf16, but not a bf16
 # weight beside fp32 statistics, which is what FSDP2's param_dtype makes (it casts the
-# parameters, never the buffers). distnorm's synchronized training path casts the affine
-# to fp32 itself (above); the layers' paths through torch's kernel do not, nor does
-# torch's own nn.BatchNorm. Keeping the norm layers' parameters in fp32, each norm its own
-# FSDP2 unit without input casting, avoids it for every norm.
+# parameters, never the buffers). distnorm's layers cast the affine to the statistics'
+# dtype before torch's kernel; torch's own nn.BatchNorm does not. Keeping the norm layers'
+# parameters in fp32, each norm its own FSDP2 unit without input casting, avoids it.
 
 BF16_WEIGHT_ERROR = "RuntimeError: expected scalar type BFloat16 but found Float"
 
@@ -324,7 +323,7 @@ FP32_NORMS = MixedPrecisionPolicy(cast_forward_inputs=False)
 LIMIT_CASES = [
     ("sync_bn", True, False),
     ("bgn", True, False),
-    ("frozen_bn", False, False),
+    ("frozen_bn", True, False),
     ("bn", False, False),
     ("bcn", True, False),
     ("gn_ws", True, False),
@@ -373,42 +372,18 @@ def outcome_of(limits: list[dict[tuple[str, bool, bool], str]], case: tuple) -> 
         assert outcome == "ok", outcome  # any other failure fails the test outright
 
 
-_TORCH_KERNEL = "passes FSDP2's bf16 weight and bias to torch's kernel beside fp32 statistics"
-
-
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(
-            ("sync_bn", True, False),
-            marks=pytest.mark.xfail(
-                strict=True, raises=RuntimeError,
-                reason=f"SyncBatchNorm._local_batch_norm (eval; a group of one) {_TORCH_KERNEL}",
-            ),
-            id="sync_bn-eval",
-        ),
-        pytest.param(
-            ("bgn", True, False),
-            marks=pytest.mark.xfail(
-                strict=True, raises=RuntimeError,
-                reason=f"BatchGroupNorm.forward in eval {_TORCH_KERNEL}",
-            ),
-            id="bgn-eval",
-        ),
-        pytest.param(
-            ("frozen_bn", False, False),
-            marks=pytest.mark.xfail(
-                strict=True, raises=RuntimeError,
-                reason=f"FrozenBatchNorm.forward (train and eval) {_TORCH_KERNEL}",
-            ),
-            id="frozen_bn-train",
-        ),
+        pytest.param(("sync_bn", True, False), id="sync_bn-eval"),
+        pytest.param(("bgn", True, False), id="bgn-eval"),
+        pytest.param(("frozen_bn", True, False), id="frozen_bn-eval"),
         pytest.param(
             ("bn", False, False),
             marks=pytest.mark.xfail(
                 strict=True, raises=RuntimeError,
                 reason="torch's own nn.BatchNorm2d (norm='bn'; the policy's choice at 32 or "
-                "more samples per worker) has the same limit",
+                "more samples per worker) gets FSDP2's bf16 weight beside fp32 statistics",
             ),
             id="bn-train",
         ),
@@ -424,7 +399,7 @@ def test_bf16_policy_with_each_norm(
     limits: list[dict[tuple[str, bool, bool], str]], case: tuple[str, bool, bool]
 ) -> None:
     """Under the bf16 policy, a training step and (where named) an eval forward run, with
-    the norm layers in the blocks' bf16 units or as fp32 units of their own. The xfails are
-    the cases that stop at ``expected scalar type BFloat16 but found Float``; strict, so a
-    fix shows up as a failure here, to be turned into a passing case."""
+    the norm layers in the blocks' bf16 units or as fp32 units of their own. The xfail is
+    torch's own BatchNorm, which stops at ``expected scalar type BFloat16 but found Float``;
+    strict, so a change in torch shows up here."""
     outcome_of(limits, case)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from distnorm import comm
 from distnorm.errors import InputError, layer_label
+from distnorm.layers import kernels
 from distnorm.layers.group_norm import check_num_groups, choose_num_groups
 from distnorm.layers.sync_batchnorm import SyncBatchNorm
 
@@ -125,7 +126,8 @@ class BatchGroupNorm(SyncBatchNorm):
         if channel_stats is not None:
             # Eval: torch's BatchNorm kernel with the expanded statistics, exactly what the
             # exported nn.BatchNorm computes, in one pass and in the input's memory format.
-            return F.batch_norm(input, *channel_stats, self.weight, self.bias, False, 0.0, self.eps)
+            weight, bias = kernels.affine_for(self.weight, self.bias, channel_stats[0])
+            return F.batch_norm(input, *channel_stats, weight, bias, False, 0.0, self.eps)
         return self._batch_norm(input, self.weight, self.bias, self.num_groups)
 
     def extra_repr(self) -> str:

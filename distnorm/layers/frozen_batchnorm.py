@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from distnorm.errors import InputError, layer_label
+from distnorm.layers import kernels
 from distnorm.layers.inputs import check_channels_input
 
 
@@ -82,6 +83,7 @@ class FrozenBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         weight = None if self.weight is None else self.weight.detach()
         bias = None if self.bias is None else self.bias.detach()
+        weight, bias = kernels.affine_for(weight, bias, self.running_mean)
         # y = (x - E[x]) / sqrt(Var[x] + eps) * gamma + beta, with the running statistics
         # as E[x] and Var[x] whatever the mode: BatchNorm's inference transform.
         return F.batch_norm(

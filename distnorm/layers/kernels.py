@@ -42,6 +42,17 @@ def as_stats(parameter: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return parameter.to(dtype)
 
 
+def affine_for(
+    weight: Tensor | None, bias: Tensor | None, statistics: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """``weight`` and ``bias`` in the dtype of the running ``statistics`` they are used
+    with, as torch's BatchNorm kernels require: FSDP2's mixed precision casts parameters
+    to half precision and leaves buffers in fp32."""
+    if statistics is None:
+        return weight, bias
+    return as_stats(weight, statistics.dtype), as_stats(bias, statistics.dtype)
+
+
 def full_precision(tensor: Tensor) -> contextlib.AbstractContextManager[Any]:
     """A context with autocast off for ``tensor``'s device, when it is on: the statistics'
     matrix products and vector arithmetic must not be cast to half precision by a

@@ -550,6 +550,7 @@ class SyncBatchNorm(_BatchNorm):
         running_mean = self.running_mean if keep_running else None
         running_var = self.running_var if keep_running else None
         if groups == input.size(1):
+            weight, bias = kernels.affine_for(weight, bias, running_mean)
             return F.batch_norm(
                 input, running_mean, running_var, weight, bias, use_batch_stats, factor, self.eps
             )
