@@ -336,11 +336,74 @@ def _empty_like(batch: Any) -> Any:
     return batch
 
 
-def describe_group(group: Group = None) -> str:
+# --- Groups in copies and pickles ------------------------------------------------------
+#
+# A ProcessGroup cannot be pickled or deep-copied, yet EMA and SWA copies (copy.deepcopy),
+# torch.save of a whole model and spawn-based launchers copy converted layers. A layer's
+# group leaves as a PortableGroup and comes back as the same group object in the process
+# that made it; elsewhere it is joined again at the layer's next training call.
+
+_portable_groups: dict[int, Any] = {}  # by id; held, so that an id is never reused
+
+
+@dataclass(frozen=True)
+class PortableGroup:
+    """A layer's process group while the layer is copied or pickled: its member ranks in
+    the default group, and how to find the group object again in the process that made
+    it (``pid``, ``key``)."""
+
+    ranks: tuple[int, ...]
+    pid: int
+    key: int
+
+
+def portable(group: Group) -> Group | PortableGroup:
+    """What a copy or pickle of a layer holds for its ``group``."""
+    if group is None or group is LOCAL or isinstance(group, PortableGroup):
+        return group
+    _portable_groups[id(group)] = group
+    ranks = tuple(dist.get_process_group_ranks(group)) if is_initialized() else ()
+    return PortableGroup(ranks, os.getpid(), id(group))
+
+
+def restored(group: Group | PortableGroup) -> Group | PortableGroup:
+    """The group a copy or unpickled layer holds: the same object in the process that
+    made it; elsewhere still portable, for :func:`joined` to resolve."""
+    if isinstance(group, PortableGroup) and group.pid == os.getpid():
+        return _portable_groups.get(group.key, group)
+    return group
+
+
+def joined(group: Group | PortableGroup, layer: str) -> Group:
+    """``group`` as a live group, at a training call: a portable group from another
+    process becomes this rank's sync group of its size (:func:`sync_group`, made on every
+    rank if new, as the layers' first training calls are), when its ranks were one of
+    those; else :class:`DistNormError` naming ``layer``."""
+    group = restored(group)
+    if not isinstance(group, PortableGroup):
+        return group
+    size = len(group.ranks)
+    if (
+        size
+        and group.ranks == tuple(range(group.ranks[0], group.ranks[0] + size))
+        and (group.ranks[0] % size == 0)
+    ):
+        return sync_group(size)
+    raise DistNormError(
+        f"{layer} was copied or unpickled from another process with a process group of "
+        f"ranks {list(group.ranks)}, which is not a distnorm sync group; give it its group "
+        "again (layer.process_group = torch.distributed.new_group(...), on every rank) "
+        "before training it"
+    )
+
+
+def describe_group(group: Group | PortableGroup = None) -> str:
     """Short human description of ``group`` for reports: ``"world (4 ranks)"``; just
     ``"world"`` before the default group exists (the layer will use it once it does)."""
     if group is LOCAL:
         return "this rank only"
+    if isinstance(group, PortableGroup):
+        return f"{len(group.ranks)} ranks, joined at the next training call"
     if not is_initialized():
         return "world"
     size = group_size(group)

@@ -669,7 +669,7 @@ def _synchronized(cls: type[_BatchNorm]) -> type[SyncBatchNorm]:
 
         def __reduce_ex__(self, protocol: Any) -> Any:
             # Pickle by the original class: the synchronized class is rebuilt on load.
-            return (_new_synchronized, (cls,), self.__dict__)
+            return (_new_synchronized, (cls,), self.__getstate__())
 
     Synchronized.__name__ = f"Sync{cls.__name__}"
     Synchronized.__qualname__ = f"Sync{cls.__qualname__}"

@@ -378,13 +378,17 @@ class SyncBatchNorm(_BatchNorm):
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles leave the state between calls behind (it is this layer's, on
-        this device and group): a copy makes its own at its first training call."""
+        this device and group): a copy makes its own at its first training call. The
+        process group travels as a :class:`comm.PortableGroup`: a copy in the same process
+        shares the group, one elsewhere joins its sync group at its first training call."""
         state = self.__dict__.copy()
         state["_sync"] = None
+        state["process_group"] = comm.portable(self.process_group)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.process_group = comm.restored(self.process_group)
         health.MONITOR.register(self)
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -454,6 +458,8 @@ class SyncBatchNorm(_BatchNorm):
     def _sync_group(self) -> comm.Group:
         """Where this training call's collectives go: the layer's process group, or
         :data:`comm.LOCAL` when the group is this rank alone."""
+        if isinstance(self.process_group, comm.PortableGroup):  # unpickled elsewhere
+            self.process_group = comm.joined(self.process_group, layer_label(self))
         if comm.group_size(self.process_group) == 1:
             return comm.LOCAL
         return self.process_group
