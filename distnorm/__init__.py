@@ -9,8 +9,15 @@ model = distnorm.revert_model(model)      # plain torch modules again, for expor
 distnorm.report()                         # raise/warn now for what the layers' checks found
 """
 
+from distnorm.builders import norm_layer
 from distnorm.comm import even_steps
-from distnorm.convert import ConversionReport, conversion_report, convert_model, revert_model
+from distnorm.convert import (
+    ConversionReport,
+    conversion_report,
+    convert_model,
+    revert_model,
+    standardize_weights,
+)
 from distnorm.errors import (
     ConversionError,
     DistNormError,
@@ -75,9 +82,11 @@ __all__ = [
     "convert_model",
     "even_steps",
     "load_policy",
+    "norm_layer",
     "per_worker_batch_size_from_config",
     "plan",
     "register_norm_act",
     "report",
     "revert_model",
+    "standardize_weights",
 ]

@@ -374,6 +374,16 @@ def restored(group: Group | PortableGroup) -> Group | PortableGroup:
     return group
 
 
+def sync_group_when_joined(group_size: int) -> Group | PortableGroup:
+    """This rank's :func:`sync_group` of ``group_size`` ranks; before the process group
+    exists (a model built before ``init_process_group``), a portable stand-in for it,
+    joined at the layer's first training call, on every rank alike."""
+    if is_initialized():
+        return sync_group(group_size)
+    start = world_layout().rank // group_size * group_size
+    return PortableGroup(tuple(range(start, start + group_size)), pid=-1, key=0)
+
+
 def joined(group: Group | PortableGroup, layer: str) -> Group:
     """``group`` as a live group, at a training call: a portable group from another
     process becomes this rank's sync group of its size (:func:`sync_group`, made on every

@@ -200,7 +200,7 @@ def convert_model(
             plan = make_plan(model, per_worker_batch_size, **plan_options)
         return apply_targets(
             model,
-            _plan_targets(plan),
+            plan_targets(plan),
             weight_standardization=_ws_norms(weight_standardization),
             check_sync=check_sync,
         )
@@ -227,9 +227,11 @@ def convert_model(
     )
 
 
-def _plan_targets(plan: Plan) -> Callable[[str, _BatchNorm], LayerTarget]:
-    """Each layer's target under ``plan``, with the plan's sync groups created up front (in
-    the plan's order, on every rank, as torch requires)."""
+def plan_targets(
+    plan: Plan, make_group: Callable[[int], Any] = comm.sync_group
+) -> Callable[[str, _BatchNorm], LayerTarget]:
+    """Each layer's target under ``plan``, with the plan's sync groups made up front by
+    ``make_group`` (in the plan's order, on every rank, as torch requires)."""
     live_world = comm.world_layout().world_size
     if plan.world_size != live_world:
         raise ConversionError(
@@ -237,7 +239,7 @@ def _plan_targets(plan: Plan) -> Callable[[str, _BatchNorm], LayerTarget]:
             f"{live_world}; plan again for this world (distnorm.plan(...)) or convert with "
             "per_worker_batch_size=... to plan and convert in one step"
         )
-    groups = {size: comm.sync_group(size) for size in plan.sync_group_sizes}
+    groups = {size: make_group(size) for size in plan.sync_group_sizes}
     decisions = {layer.name: layer for layer in plan.layers}
 
     def target_of(name: str, module: _BatchNorm) -> LayerTarget:
@@ -285,25 +287,15 @@ def apply_targets(
         )
     standardize: set[str] = set()
     if any(t.norm in weight_standardization for t in targets.values()):
-        links = conv_norm_links(model, (_BatchNorm,))
-        standardize = {
-            conv for conv, norm in links.pairs if targets[norm].norm in weight_standardization
-        }
-        if links.method != "torch.fx":
-            logger.info("distnorm: weight standardization placed by %s", links.reason)
-        single_weight = {n for n in standardize if model.get_submodule(n).weight[0].numel() < 2}
-        if single_weight:  # standardizing one value gives 0: such filters stay plain
-            logger.info(
-                "distnorm: convolutions left plain (1 weight per filter): %s",
-                ", ".join(sorted(single_weight)),
-            )
-            standardize -= single_weight
+        standardize = _feeding_convs(
+            model, (_BatchNorm,), lambda name: targets[name].norm in weight_standardization
+        )
 
     def convert(name: str, module: nn.Module) -> nn.Module | None:
         if name in standardize:
             return _standardized(name, module)
         if name in targets and isinstance(module, _BatchNorm):
-            return _converted(name, module, targets[name], check_sync)
+            return convert_layer(name, module, targets[name], check_sync)
         return None
 
     converted = _replace_modules(model, convert)
@@ -312,19 +304,55 @@ def apply_targets(
     return converted
 
 
+def _feeding_convs(
+    model: nn.Module, norm_types: tuple[type, ...], wanted: Callable[[str], bool]
+) -> set[str]:
+    """The convolutions of ``model`` to standardize: those feeding a layer of
+    ``norm_types`` whose name is ``wanted`` (:func:`distnorm.graph.conv_norm_links`),
+    except filters of one weight, which standardizing would zero."""
+    links = conv_norm_links(model, norm_types)
+    if links.method != "torch.fx":
+        logger.info("distnorm: weight standardization placed by %s", links.reason)
+    convs = {conv for conv, norm in links.pairs if wanted(norm)}
+    single_weight = {n for n in convs if model.get_submodule(n).weight[0].numel() < 2}
+    if single_weight:
+        logger.info(
+            "distnorm: convolutions left plain (1 weight per filter): %s",
+            ", ".join(sorted(single_weight)),
+        )
+    return convs - single_weight
+
+
+def standardize_weights(model: nn.Module) -> nn.Module:
+    """Give Weight Standardization to the convolutions of ``model`` that feed distnorm
+    layers of the norms it pairs with (``gn_ws``, ``bcn``, ``bgn``), as
+    :func:`convert_model` does: for models built with :func:`distnorm.norm_layer`, whose
+    norm factory never sees the convolutions. Returns the model (in place)."""
+    layers = (SyncBatchNorm, FrozenBatchNorm, GroupNorm)
+
+    def wanted(name: str) -> bool:
+        layer = model.get_submodule(name)
+        return ("gn_ws" if isinstance(layer, GroupNorm) else _norm_of(layer)) in WS_NORMS
+
+    standardize = _feeding_convs(model, layers, wanted)
+    return _replace_modules(
+        model, lambda name, module: _standardized(name, module) if name in standardize else None
+    )
+
+
 # Normalizations whose feeding convolutions get Weight Standardization by default (Qiao et
 # al. pair WS with GroupNorm and Batch-Channel Norm; Batch Group Norm underfits without it,
 # benchmarks/results/accuracy.md), and those it can be asked for: every norm that learns
 # its statistics, not FrozenBN's measured ones.
-_WS_NORMS = frozenset({"gn_ws", "bcn", "bgn"})
-_WS_CAPABLE_NORMS = _WS_NORMS | {"bn", "sync_bn"}
+WS_NORMS = frozenset({"gn_ws", "bcn", "bgn"})
+_WS_CAPABLE_NORMS = WS_NORMS | {"bn", "sync_bn"}
 
 
 def _ws_norms(weight_standardization: bool | None) -> frozenset[str]:
     """The norms whose feeding convolutions are standardized for ``weight_standardization``
     (None: the default pairings)."""
     if weight_standardization is None:
-        return _WS_NORMS
+        return WS_NORMS
     return _WS_CAPABLE_NORMS if weight_standardization else frozenset()
 
 
@@ -336,10 +364,10 @@ def _norm_of(module: nn.Module) -> str | None:
     return None
 
 
-def _converted(
+def convert_layer(
     name: str, module: _BatchNorm, target: LayerTarget, check_sync: bool | None
 ) -> nn.Module | None:
-    """``module`` as ``target`` asks, or None where it stays as it is."""
+    """``module`` (named ``name``) as ``target`` asks, or None where it stays as it is."""
     if target.norm == "keep":
         return None
     current = _norm_of(module)

@@ -21,7 +21,7 @@ from distnorm.errors import PolicyError
 from distnorm.logs import get_logger
 from distnorm.policy.batch_config import per_worker_batch_size_from_config
 from distnorm.policy.config import Policy, load_policy
-from distnorm.policy.facts import collect_facts
+from distnorm.policy.facts import NormFact, collect_facts
 from distnorm.policy.plans import Plan
 from distnorm.policy.rules import make_plan, unused_overrides
 
@@ -52,6 +52,44 @@ def plan(
 
     A model without normalization layers gets an empty plan and a logged warning.
     """
+    result, facts, resolved, layout = decide(
+        model, per_worker_batch_size, world_size, ranks_per_node=ranks_per_node,
+        pretrained=pretrained, policy=policy, sample_input=sample_input,
+    )  # fmt: skip
+    if not facts:
+        logger.warning(
+            "distnorm.plan: %s has no normalization layers; the plan is empty",
+            type(model).__name__,
+        )
+        return result
+    for key in unused_overrides(facts, resolved):
+        logger.warning(
+            "distnorm.plan: policy %r: %s matches no BatchNorm layer", resolved.name, key
+        )
+    for layer in result.layers:
+        if layer.norm in ("bn", "sync_bn") and layer.values_per_statistic == 1:
+            logger.warning(
+                "distnorm.plan: %s '%s' would compute each statistic from 1 value, which "
+                "BatchNorm cannot train with; raise the batch or override this layer",
+                layer.original,
+                layer.name or "(root)",
+            )
+    logger.info("distnorm.plan (world layout from %s):\n%s", layout.source, result)
+    return result
+
+
+def decide(
+    model: nn.Module,
+    per_worker_batch_size: int | str | os.PathLike[str] | Mapping[str, Any],
+    world_size: int | None = None,
+    *,
+    ranks_per_node: int | None = None,
+    pretrained: bool | None = None,
+    policy: str | os.PathLike[str] | Mapping[str, Any] | Policy | None = None,
+    sample_input: Any = None,
+) -> tuple[Plan, tuple[NormFact, ...], Policy, comm.WorldLayout]:
+    """:func:`plan` without its log: the plan, and the facts, policy and world layout it
+    was made from."""
     if isinstance(model, DistributedDataParallel):
         raise PolicyError(
             "plan got a DistributedDataParallel wrapper; plan (and convert) the model first "
@@ -77,23 +115,4 @@ def plan(
         pretrained=pretrained,
         policy=resolved,
     )
-    if not facts:
-        logger.warning(
-            "distnorm.plan: %s has no normalization layers; the plan is empty",
-            type(model).__name__,
-        )
-        return result
-    for key in unused_overrides(facts, resolved):
-        logger.warning(
-            "distnorm.plan: policy %r: %s matches no BatchNorm layer", resolved.name, key
-        )
-    for layer in result.layers:
-        if layer.norm in ("bn", "sync_bn") and layer.values_per_statistic == 1:
-            logger.warning(
-                "distnorm.plan: %s '%s' would compute each statistic from 1 value, which "
-                "BatchNorm cannot train with; raise the batch or override this layer",
-                layer.original,
-                layer.name or "(root)",
-            )
-    logger.info("distnorm.plan (world layout from %s):\n%s", layout.source, result)
-    return result
+    return result, facts, resolved, layout
