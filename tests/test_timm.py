@@ -18,7 +18,12 @@ import distnorm
 from tests.multiprocess import run_on_ranks
 
 timm = pytest.importorskip("timm")
-from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, freeze_batch_norm_2d  # noqa: E402
+from timm.layers import (  # noqa: E402
+    BatchNormAct2d,
+    FrozenBatchNormAct2d,
+    SyncBatchNormAct,
+    freeze_batch_norm_2d,
+)
 
 MODELS = ["efficientnet_b0", "mobilenetv3_large_100", "regnety_002", "cspresnet50", "resnet18d"]
 NORMS = ["sync_bn", "gn_ws", "frozen_bn", "bcn", "bgn", None]  # None: the policy
@@ -88,6 +93,18 @@ def test_frozen_norm_act_layers_are_kept_and_listed() -> None:
         with pytest.warns(UserWarning, match="no BatchNorm layers"):
             same = distnorm.convert_model(copy.deepcopy(model), norm=norm)
         assert torch.equal(same.eval()(x), expected)
+
+
+@pytest.mark.parametrize("norm", ["sync_bn", "bgn", "gn_ws"])
+def test_timms_own_sync_batchnorm_act_converts_too(norm: str) -> None:
+    model = timm.layers.convert_sync_batchnorm(create("regnety_002"))
+    synced = [n for n, m in model.named_modules() if isinstance(m, SyncBatchNormAct)]
+    assert synced
+    model = distnorm.convert_model(model, norm=norm)
+    for n in synced:
+        layer = model.get_submodule(n)
+        assert isinstance(layer, distnorm.layers.NormAct) and layer.post_modules == ("drop", "act")
+    model.train()(images()).sum().backward()
 
 
 def test_timms_freeze_helper_finds_converted_layers() -> None:
