@@ -331,7 +331,8 @@ class BatchChannelNorm(SyncBatchNorm):
         constants = _constants(state, batch, length, self.num_groups, self.eps)
         cell_mean, cell_var = kernels.channel_moments(cells.detach(), state.scratch_for(cells))
         cell_mean, cell_var = cell_mean.view(batch, channels), cell_var.view(batch, channels)
-        self._update_estimates(state, constants, cell_mean, cell_var)
+        if not state.recomputing:  # a recomputed forward finds them updated already
+            self._update_estimates(state, constants, cell_mean, cell_var)
         # The Function reads the estimates in forward and saves only what it derives: a
         # later call may update them in place before this call's backward.
         estimates = (self.running_mean.to(cell_mean.dtype), self.running_var.to(cell_mean.dtype))

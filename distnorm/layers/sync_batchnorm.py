@@ -39,10 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from distnorm import comm, health
 from distnorm.errors import InputError, SyncMismatchError, layer_label
 from distnorm.layers import kernels
+from distnorm.layers.accumulation import StatisticsWindow
 from distnorm.layers.inputs import check_channels_input
 
 # What a training batch with non-finite statistics does, besides leaving the running
@@ -57,6 +59,13 @@ T = TypeVar("T")
 
 # Layers built directly (not named by convert_model) are told apart by construction order.
 _unnamed_layers = itertools.count()
+
+
+def recomputing() -> bool:
+    """Whether this forward call runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) recomputing a forward whose statistics
+    and state updates already happened."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _kernel_is_faster(input: Tensor, groups: int) -> bool:
@@ -80,8 +89,12 @@ class _SyncState(health.Reporter):
         like = torch.empty(0, device=input.device, dtype=dtype)
         channels = input.size(1)
         checked = layer.check_sync is not False
-        self.key = (input.device, dtype, groups, group, checked)
+        steps = layer.accumulation_steps
+        self.key = (input.device, dtype, groups, group, checked, steps)
         self.groups = groups
+        # Gradient accumulation: the statistics of the last ``steps`` micro-batches.
+        self.window = StatisticsWindow(steps, groups, like) if steps > 1 else None
+        self.recomputing = False  # whether the call being made recomputes a forward
         self.channel = comm.SyncChannel(
             group, 2 * groups, layer._sync_layer_id, like, checked, layer_label(layer)
         )
@@ -208,12 +221,14 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean, var, invstd = stats
         torch.add(shift, moments[0], out=mean)
         torch.addcmul(moments[1], moments[0], moments[0], value=-1, out=var).clamp_(min=0)
-        torch.rsqrt(var + eps, out=invstd)
         # The call's statistics may be used: every rank was in this collective (its tag
         # check found nothing since the last report) and they are finite (NaN otherwise).
         nonfinite, mismatch = channel.flag("nonfinite"), channel.flag("forward")
         nonfinite.addmv_(state.zeros, summed[:-1])
         ok = torch.eq(mismatch, nonfinite).view(())
+        if state.window is not None:  # gradient accumulation: the window's statistics
+            total, ok = state.window.pool(mean, var, total, ok, state.recomputing)
+        torch.rsqrt(var + eps, out=invstd)
 
         if groups == channels:
             output = kernels.normalize(input, mean, var, invstd, weight, bias, eps)
@@ -226,7 +241,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             scale = channel_invstd if weight is None else channel_invstd * weight
             output = kernels.channel_affine(input, centre, scale, bias, state.ones)
 
-        ctx.save_for_backward(input, weight, centre, channel_invstd, scale, invstd)
+        ctx.save_for_backward(input, weight, centre, channel_invstd, scale, invstd, total)
         ctx.state, ctx.eps, ctx.call = state, eps, state.calls
         ctx.mark_non_differentiable(mean, var, total, ok)
         ctx.set_materialize_grads(False)  # no zero gradients made for those four
@@ -243,7 +258,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        input, weight, centre, channel_invstd, scale, invstd = ctx.saved_tensors
+        # ``count``: the values the forward's statistics came from (the window's, with
+        # gradient accumulation), by which the gradient's sums are averaged.
+        input, weight, centre, channel_invstd, scale, invstd, count = ctx.saved_tensors
         state: _SyncState = ctx.state
         channel = state.channel
         channels, groups = input.size(1), state.groups
@@ -271,7 +288,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             sums = summed[:-1].view(2, groups)
             grad_input = torch.batch_norm_backward_elemt(
                 grad_output, input, centre, invstd, weight, sums[0], sums[1],
-                summed[-1:].to(torch.int32),
+                count.view(1).to(torch.int32),
             )  # fmt: skip
             return grad_input, grad_weight, grad_bias, None, None
 
@@ -291,7 +308,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         summed = channel.all_reduce(buffer, "backward", check=not state.traced)
         grad_input = None
         if needs_input:
-            means = summed[:-1].view(2, groups) / summed[-1]
+            means = summed[:-1].view(2, groups) / count
             # dx = gamma invstd g - invstd (mean(dxhat) + xhat mean(dxhat xhat)), per group:
             #    = g * scale + (x - mu) * slope + constant
             factor = scale if groups == channels else invstd
@@ -346,6 +363,7 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
         check_sync: bool | None = None,
         nonfinite: str = "warn",
+        accumulation_steps: int = 1,
     ) -> None:
         # ``bias=False`` (an affine weight without a bias) exists from torch 2.13 on; it is
         # passed only when asked for, so that older torch keeps working.
@@ -353,10 +371,14 @@ class SyncBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
             **({} if bias else {"bias": False}),
         )  # fmt: skip
-        self._init_sync_state(process_group, check_sync, nonfinite)
+        self._init_sync_state(process_group, check_sync, nonfinite, accumulation_steps)
 
     def _init_sync_state(
-        self, process_group: comm.Group, check_sync: bool | None = None, nonfinite: str = "warn"
+        self,
+        process_group: comm.Group,
+        check_sync: bool | None = None,
+        nonfinite: str = "warn",
+        accumulation_steps: int = 1,
     ) -> None:
         """Attributes a synchronized layer holds besides those of ``_BatchNorm``; also
         called by :func:`distnorm.convert_model` on modules it re-classes, once it has
@@ -366,6 +388,15 @@ class SyncBatchNorm(_BatchNorm):
                 f"{layer_label(self)}: nonfinite={nonfinite!r}; choose one of "
                 f"{', '.join(NONFINITE_POLICIES)}"
             )
+        steps = accumulation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise InputError(
+                f"{layer_label(self)}: accumulation_steps={steps!r}; give the number of "
+                "micro-batches per optimizer step, a positive integer (1: no accumulation)"
+            )
+        self.accumulation_steps = steps
+        if steps > 1:
+            _ACCUMULATING.add(self)
         self.process_group = process_group
         self.check_sync = None if check_sync is None else bool(check_sync)
         self.nonfinite = nonfinite
@@ -390,6 +421,8 @@ class SyncBatchNorm(_BatchNorm):
         super().__setstate__(state)
         self.process_group = comm.restored(self.process_group)
         health.MONITOR.register(self)
+        if self.accumulation_steps > 1:
+            _ACCUMULATING.add(self)
 
     def _check_input_dim(self, input: Tensor) -> None:
         check_channels_input(self, input, self.num_features, self.input_dims)
@@ -417,7 +450,8 @@ class SyncBatchNorm(_BatchNorm):
         groups = channels if groups is None else groups
         group = self._sync_group() if self.training else comm.LOCAL
         batch_stats = self.training or self.running_mean is None or self.running_var is None
-        if not batch_stats or (group is comm.LOCAL and _kernel_is_faster(input, groups)):
+        local = group is comm.LOCAL and _kernel_is_faster(input, groups)
+        if not batch_stats or (local and not self._accumulates()):
             return self._local_batch_norm(input, weight, bias, groups)
 
         with kernels.full_precision(input):
@@ -433,8 +467,9 @@ class SyncBatchNorm(_BatchNorm):
         self, input: Tensor, state: _SyncState, mean: Tensor, var: Tensor, count: Tensor,
         ok: Tensor,
     ) -> None:  # fmt: skip
-        """The shift and running statistics updated from a call's statistics, if ``ok``."""
-        if not self.training:  # eval without running statistics: nothing to update
+        """The shift and running statistics updated from a call's statistics, if ``ok``
+        (with gradient accumulation: at a step's last micro-batch, from the step's)."""
+        if not self.training or state.recomputing:  # nothing to update, or done already
             return
         assert state.shift is not None
         groups = state.groups
@@ -468,25 +503,50 @@ class SyncBatchNorm(_BatchNorm):
         self, input: Tensor, groups: int, group: comm.Group, shifted: bool = True
     ) -> _SyncState:
         """The layer's state for this training call, made on the first call or when the
-        device, dtype, grouping or group changed (then, when ``shifted``, the shift agreed
-        on with one more collective); the call announced to :mod:`distnorm.health`."""
+        device, dtype, grouping, group or accumulation changed (then, when ``shifted``, the
+        shift agreed on with one more collective); the call announced to
+        :mod:`distnorm.health`, unless it recomputes a forward (no announcement, no count)."""
         state = self._sync
         key = (input.device, kernels.stats_dtype(input.dtype), groups, group,
-               self.check_sync is not False)  # fmt: skip
+               self.check_sync is not False, self.accumulation_steps)  # fmt: skip
         first = state is None or state.key != key
         if first:
             state = self._sync = _SyncState(self, input, groups, group)
         elif state.traced:
             state.traced = False
         assert state is not None
-        if not torch.compiler.is_compiling():
-            state.calls += 1
+        compiling = torch.compiler.is_compiling()
+        state.recomputing = recomputing()
+        if not state.recomputing:
+            state.calls += 0 if compiling else 1
+            if state.window is not None:
+                state.window.advance_host(compiling)
         if first and shifted:
             health.MONITOR.before_collective(state, "shift", state.calls, first=True)
             state.shift = self._agreed_shift(input, state)
-        health.MONITOR.before_collective(state, "forward", state.calls, first=first and not shifted)
+        if not state.recomputing:
+            health.MONITOR.before_collective(
+                state, "forward", state.calls, first=first and not shifted
+            )
         state.prepare(input)
         return state
+
+    def _accumulates(self) -> bool:
+        """Whether training calls pool statistics over micro-batches."""
+        return self.training and self.accumulation_steps > 1
+
+    def _finish_partial_step(self) -> None:
+        """Before an optimizer step: if fewer than k micro-batches were made since the
+        last step ended, update the running statistics from them, and start a new step."""
+        state = self._sync
+        window = None if state is None else state.window
+        if window is None or window.host_phase == 0:
+            return
+        assert state is not None
+        with torch.no_grad():
+            mean, var, count, ok = window.finish(state.zero)
+            if self.track_running_stats:
+                self._update_running_stats(mean, var, count, ok, False)
 
     def _agreed_shift(self, input: Tensor, state: _SyncState) -> Tensor:
         """The shift every rank holds, one per statistic: the global mean, from one
@@ -545,14 +605,16 @@ class SyncBatchNorm(_BatchNorm):
                 "batch statistics: 'gn_ws' (training from scratch) or 'frozen_bn' (fine-tuning)"
             )
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        # A recomputed forward (activation checkpointing) updates nothing a second time.
+        tracking = self.track_running_stats and not (self.training and recomputing())
+        if self.training and tracking and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are read in eval and updated in training only when tracked.
-        keep_running = not self.training or self.track_running_stats
+        keep_running = not self.training or tracking
         running_mean = self.running_mean if keep_running else None
         running_var = self.running_var if keep_running else None
         if groups == input.size(1):
@@ -595,6 +657,19 @@ class SyncBatchNorm(_BatchNorm):
         for running, batch in ((self.running_mean, mean), (self.running_var, unbiased_var)):
             # running + f * (batch - running); with batch := running, exactly running.
             running.lerp_(torch.where(ok, batch.to(running.dtype), running), factor)
+
+
+# Layers that accumulate statistics over micro-batches: a partial step ends at the next
+# optimizer step (any optimizer's; a no-op for layers whose step ended with its k-th call).
+_ACCUMULATING: weakref.WeakSet[SyncBatchNorm] = weakref.WeakSet()
+
+
+def _finish_partial_steps(*_: Any) -> None:
+    for layer in list(_ACCUMULATING):
+        layer._finish_partial_step()
+
+
+register_optimizer_step_pre_hook(_finish_partial_steps)
 
 
 class SyncBatchNorm1d(SyncBatchNorm, nn.BatchNorm1d):
