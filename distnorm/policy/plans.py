@@ -39,6 +39,10 @@ class LayerPlan:
     ``values_per_statistic`` how many values each mean/variance is computed from in
     training (``None`` when unknown: no sample input, or no batch statistics);
     ``num_channels`` the layer's C when known; ``reason`` why, in a few words.
+    ``accumulation_steps`` k (sync_bn only): the layer normalizes each micro-batch with
+    statistics pooled over its sync group's last k micro-batches, and updates its running
+    statistics once per k (once per optimizer step under gradient accumulation); 1 is
+    plain per-micro-batch statistics.
     """
 
     name: str
@@ -49,6 +53,7 @@ class LayerPlan:
     values_per_statistic: int | None = None
     reason: str = ""
     num_channels: int | None = None
+    accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
         where = f"layer plan for {self.original} '{self.name or '(root)'}'"
@@ -62,6 +67,16 @@ class LayerPlan:
             raise PolicyError(
                 f"{where}: num_groups is required for {', '.join(GROUPED_NORMS)} and "
                 f"meaningless for the others (norm {self.norm!r}, num_groups {self.num_groups})"
+            )
+        steps = self.accumulation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise PolicyError(
+                f"{where}: accumulation_steps must be a positive integer, got {steps!r}"
+            )
+        if steps > 1 and self.norm != "sync_bn":
+            raise PolicyError(
+                f"{where}: accumulation_steps {steps} with norm {self.norm!r}; only sync_bn "
+                "pools statistics over micro-batches (use sync_bn, or accumulation_steps 1)"
             )
 
     @property
@@ -86,6 +101,19 @@ class Plan:
     target_batch: int = 32
     pretrained: bool = False
     policy: str = "default"
+    accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        steps = self.accumulation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise PolicyError(f"plan: accumulation_steps must be a positive integer, got {steps!r}")
+        for lp in self.layers:
+            if lp.accumulation_steps not in (1, steps):
+                raise PolicyError(
+                    f"layer plan for {lp.original} '{lp.name or '(root)'}': accumulation_steps "
+                    f"{lp.accumulation_steps}, but the plan was made for {steps} micro-batches "
+                    "per optimizer step; a layer pools over 1 or the plan's accumulation_steps"
+                )
 
     @property
     def sync_group_sizes(self) -> tuple[int, ...]:
@@ -103,8 +131,11 @@ class Plan:
         """One line: the inputs the decisions were made from."""
         node = f", {self.ranks_per_node} per node" if self.ranks_per_node else ""
         regime = "fine-tuning a pretrained model" if self.pretrained else "from scratch"
+        steps = self.accumulation_steps
+        accumulation = f" x {steps} micro-batches per optimizer step" if steps > 1 else ""
         return (
-            f"per-worker batch {self.per_worker_batch_size}, world {self.world_size} "
+            f"per-worker batch {self.per_worker_batch_size}{accumulation}, "
+            f"world {self.world_size} "
             f"rank{'s' if self.world_size > 1 else ''}{node}, "
             f"target {self.target_batch} samples per statistic, {regime}, "
             f"policy {self.policy!r}"
@@ -117,7 +148,7 @@ class Plan:
             (
                 lp.name or "(root)",
                 lp.original,
-                lp.norm if lp.num_groups is None else f"{lp.norm} (G={lp.num_groups})",
+                _chosen(lp),
                 "-" if lp.sync_group_size is None else lp.sync_group_size,
                 "?" if lp.values_per_statistic is None else lp.values_per_statistic,
                 lp.reason,
@@ -174,6 +205,15 @@ class Plan:
         return cls.from_dict(data)
 
 
+def _chosen(lp: LayerPlan) -> str:
+    """The table's "chosen" cell: the norm, with its groups G or accumulation window k."""
+    if lp.num_groups is not None:
+        return f"{lp.norm} (G={lp.num_groups})"
+    if lp.accumulation_steps > 1:
+        return f"{lp.norm} (k={lp.accumulation_steps})"
+    return lp.norm
+
+
 # JSON types of the scalar fields, checked on load so that a hand-edited plan fails
 # with the key's name rather than deep inside convert_model.
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
@@ -191,6 +231,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "target_batch": (int,),
     "pretrained": (bool,),
     "policy": (str,),
+    "accumulation_steps": (int,),
 }
 
 
