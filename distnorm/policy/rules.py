@@ -18,6 +18,14 @@ Defaults, and where they come from:
   MLPerf submissions (``bn_group`` of 2, 4 or 8 GPUs in apex's ``groupbn`` and
   ``create_syncbn_process_group``). Small groups are preferred: the statistics are as
   good as the target asks, and the collective's latency grows with the group.
+* **No group reaches the target, but gradient accumulation over k micro-batches (k > 1)
+  lets one: SyncBatchNorm over the smallest group g (the worker alone, g = 1, first) with
+  g x batch x k >= target, pooling each statistic over its group's last k micro-batches**
+  (``accumulation_steps=k`` on the layer; running statistics updated once per optimizer
+  step). The statistics then see as many samples as the optimizer step does, where each
+  micro-batch alone would give them ``batch`` (or ``g x batch``); no communication when
+  the worker alone suffices. Where the per-worker batch or a sync group reaches the
+  target, k changes nothing (a window would only make the statistics staler).
 * **No group reaches the target, but the largest allowed one reaches the floor (16
   samples): SyncBatchNorm over it** (local BatchNorm when no group is allowed). Wu & He's
   Fig. 1 has BN at 16 images per worker within 0.1 point of BN at 32 and ahead of GN,
@@ -105,10 +113,12 @@ def make_plan(
     ranks_per_node: int | None = None,
     pretrained: bool | None = None,
     policy: Policy,
+    accumulation_steps: int = 1,
 ) -> Plan:
     """The plan for a model with normalization layers ``facts`` trained with
     ``per_worker_batch_size`` samples on each of ``world_size`` ranks (``ranks_per_node``
-    to a node, when known). ``pretrained=None`` takes the policy's ``pretrained``.
+    to a node, when known), ``accumulation_steps`` micro-batches per optimizer step.
+    ``pretrained=None`` takes the policy's ``pretrained``.
 
     Raises :class:`PolicyError` for impossible requests: a non-positive size, an override
     asking for a sync group that does not divide the world, or a number of groups that
@@ -118,6 +128,7 @@ def make_plan(
         ("per_worker_batch_size", per_worker_batch_size, False),
         ("world_size", world_size, False),
         ("ranks_per_node", ranks_per_node, True),
+        ("accumulation_steps", accumulation_steps, False),
     ):
         if not (allow_none and value is None) and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -129,6 +140,7 @@ def make_plan(
         ranks_per_node=ranks_per_node,
         pretrained=policy.pretrained if pretrained is None else pretrained,
         policy=policy,
+        accumulation_steps=accumulation_steps,
         candidates=(
             sync_group_candidates(
                 world_size,
@@ -148,6 +160,7 @@ def make_plan(
         target_batch=policy.target_batch,
         pretrained=context.pretrained,
         policy=policy.name,
+        accumulation_steps=accumulation_steps,
     )
 
 
@@ -174,11 +187,24 @@ class _Context:
     ranks_per_node: int | None
     pretrained: bool
     policy: Policy
+    accumulation_steps: int
     candidates: tuple[int, ...]
 
     @property
     def target(self) -> int:
         return self.policy.target_batch
+
+    @property
+    def accumulating_group(self) -> int | None:
+        """The smallest group (1: the worker alone, else an allowed sync group) whose
+        micro-batches over the accumulation steps reach the target; None without
+        accumulation or when none does."""
+        steps = self.accumulation_steps
+        if steps == 1:
+            return None
+        return next(
+            (g for g in (1, *self.candidates) if g * self.batch * steps >= self.target), None
+        )
 
     @property
     def reaching_group(self) -> int | None:
@@ -237,6 +263,21 @@ def _best(fact: NormFact, context: _Context) -> LayerPlan:
             sync_group_size=group,
             values=_values(fact, group * batch),
             reason=f"{group} ranks x {batch} = {group * batch} >= {target}{context.where(group)}",
+        )
+    group = context.accumulating_group
+    if group is not None:
+        steps, samples = context.accumulation_steps, group * batch * context.accumulation_steps
+        return _layer(
+            fact,
+            "sync_bn",
+            sync_group_size=group,
+            accumulation_steps=steps,
+            values=_values(fact, samples),
+            reason=(
+                f"{group} rank{'s' if group > 1 else ''} x {batch} x {steps} micro-batches = "
+                f"{samples} >= {target}{context.where(group) if group > 1 else ''}: "
+                "statistics pooled over the optimizer step"
+            ),
         )
     why = context.shortfall()
     floor = context.policy.min_sync_batch
@@ -442,6 +483,7 @@ def _layer(
     sync_group_size: int | None = None,
     num_groups: int | None = None,
     values: int | None = None,
+    accumulation_steps: int = 1,
 ) -> LayerPlan:
     return LayerPlan(
         name=fact.name,
@@ -452,6 +494,7 @@ def _layer(
         values_per_statistic=values,
         reason=reason,
         num_channels=fact.num_channels,
+        accumulation_steps=accumulation_steps,
     )
 
 
