@@ -8,6 +8,12 @@ YAML config holds no batch size (Accelerate takes it from the DataLoader) except
 the DeepSpeed config file it points to (``deepspeed_config.deepspeed_config_file``).
 Values left as ``"auto"`` (filled in later by Accelerate or Transformers) cannot be read
 here and are refused with a message saying so.
+
+The same configs state the gradient accumulation steps (micro-batches per optimizer
+step), which the policy may use to pool a layer's statistics over the optimizer step:
+DeepSpeed's ``gradient_accumulation_steps`` (or its identity above, when it gives both
+batch sizes), and Accelerate's ``gradient_accumulation_steps`` at the top level or in its
+``deepspeed_config`` section, besides the DeepSpeed file it points to.
 """
 
 from __future__ import annotations
@@ -77,6 +83,114 @@ def per_worker_batch_size_from_config(
             f"gradient_accumulation_steps {steps} x world size {world_size}"
         )
     return total // (steps * world_size)
+
+
+def accumulation_steps_from_config(
+    config: str | os.PathLike[str] | Mapping[str, Any],
+    world_size: int | None = None,
+    accumulation_steps: int | None = None,
+) -> int:
+    """The gradient accumulation steps of a DeepSpeed or Accelerate config (dict, or
+    JSON/YAML file), checked against an explicit ``accumulation_steps``.
+
+    Without ``accumulation_steps``: the config's value, 1 when it states none. With it:
+    ``accumulation_steps`` itself, after checking that the config states no other value
+    (a config that states none, or ``"auto"``, defers to it). Raises :class:`PolicyError`
+    naming both values when they disagree, and the keys when the config's own sources
+    (an Accelerate config and the DeepSpeed file it names) disagree.
+    """
+    stated = _stated_accumulation(config, world_size)
+    if accumulation_steps is None:
+        if stated is None:
+            return 1
+        value, where = stated
+        if value == "auto":
+            raise PolicyError(
+                f"{where} is 'auto' (filled in later by Accelerate or Transformers); pass "
+                "accumulation_steps explicitly"
+            )
+        return value
+    if stated is not None and stated[0] not in ("auto", accumulation_steps):
+        value, where = stated
+        raise PolicyError(
+            f"accumulation_steps={accumulation_steps} contradicts the config: {where} is "
+            f"{value}; give the same value, or leave accumulation_steps out to use the config's"
+        )
+    return accumulation_steps
+
+
+def _stated_accumulation(
+    config: str | os.PathLike[str] | Mapping[str, Any], world_size: int | None
+) -> tuple[int | str, str] | None:
+    """The accumulation steps ``config`` states (a positive int or ``"auto"``) and where it
+    states them, in words; None when it states none."""
+    where, data, folder = _read(config)
+    found: list[tuple[int | str, str]] = []
+    if any(key in data for key in _ACCELERATE_KEYS):
+        key = "gradient_accumulation_steps"
+        if key in data:
+            found.append((_steps(where, key, data[key]), f"{where} key {key!r}"))
+        deepspeed = data.get("deepspeed_config")
+        if isinstance(deepspeed, Mapping):
+            if key in deepspeed:
+                dotted = f"deepspeed_config.{key}"
+                found.append((_steps(where, dotted, deepspeed[key]), f"{where} key {dotted!r}"))
+            file = deepspeed.get("deepspeed_config_file")
+            if file:
+                path = Path(file)
+                if not path.is_absolute() and not path.exists() and folder is not None:
+                    path = folder / path
+                inner = _stated_accumulation(path, world_size)
+                if inner is not None:
+                    found.append(inner)
+    else:
+        key = "gradient_accumulation_steps"
+        if key in data:
+            found.append((_steps(where, key, data[key]), f"{where} key {key!r}"))
+        else:
+            derived = _derived_accumulation(where, data, world_size)
+            if derived is not None:
+                found.append(derived)
+    numbers = {value for value, _ in found if value != "auto"}
+    if len(numbers) > 1:
+        raise PolicyError(
+            "the config's gradient accumulation steps disagree: "
+            + ", ".join(f"{source} is {value}" for value, source in found)
+        )
+    if not found:
+        return None
+    return next((item for item in found if item[0] != "auto"), found[0])
+
+
+def _derived_accumulation(
+    where: str, data: Mapping[str, Any], world_size: int | None
+) -> tuple[int, str] | None:
+    """DeepSpeed's accumulation steps from ``train_batch_size = micro x steps x world``,
+    when the config gives both batch sizes (and the world size is known)."""
+    total, micro = data.get("train_batch_size"), data.get("train_micro_batch_size_per_gpu")
+    if total is None or micro is None or world_size is None or "auto" in (total, micro):
+        return None
+    total = _positive(where, "train_batch_size", total)
+    micro = _positive(where, "train_micro_batch_size_per_gpu", micro)
+    if total % (micro * world_size):
+        raise PolicyError(
+            f"{where}: train_batch_size {total} is not divisible by "
+            f"train_micro_batch_size_per_gpu {micro} x world size {world_size}"
+        )
+    return (
+        total // (micro * world_size),
+        f"{where}'s train_batch_size {total} / (train_micro_batch_size_per_gpu {micro} x "
+        f"world size {world_size})",
+    )
+
+
+def _steps(where: str, key: str, value: Any) -> int | str:
+    """A stated accumulation value: a positive integer, or ``"auto"`` (left to later)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PolicyError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
 
 
 def _read(config: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[str, Any, Path | None]:

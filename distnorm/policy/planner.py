@@ -19,7 +19,10 @@ from torch.nn.parallel import DistributedDataParallel
 from distnorm import comm
 from distnorm.errors import PolicyError
 from distnorm.logs import get_logger
-from distnorm.policy.batch_config import per_worker_batch_size_from_config
+from distnorm.policy.batch_config import (
+    accumulation_steps_from_config,
+    per_worker_batch_size_from_config,
+)
 from distnorm.policy.config import Policy, load_policy
 from distnorm.policy.facts import NormFact, collect_facts
 from distnorm.policy.plans import Plan
@@ -33,6 +36,7 @@ def plan(
     per_worker_batch_size: int | str | os.PathLike[str] | Mapping[str, Any],
     world_size: int | None = None,
     *,
+    accumulation_steps: int | None = None,
     ranks_per_node: int | None = None,
     pretrained: bool | None = None,
     policy: str | os.PathLike[str] | Mapping[str, Any] | Policy | None = None,
@@ -41,8 +45,12 @@ def plan(
     """Decide, for every normalization layer of ``model``, what it should become; the
     model is not changed (``convert_model`` applies a plan).
 
-    ``per_worker_batch_size`` is the number of samples each rank feeds per step, or a
-    DeepSpeed / Accelerate config (path or dict) to read it from. ``world_size`` and
+    ``per_worker_batch_size`` is the number of samples each rank feeds per step (per
+    micro-batch), or a DeepSpeed / Accelerate config (path or dict) to read it from.
+    ``accumulation_steps`` is the number of micro-batches per optimizer step under
+    gradient accumulation (default: the config's ``gradient_accumulation_steps`` when
+    ``per_worker_batch_size`` is a config, else 1); when no sync group reaches the target,
+    SyncBatchNorm may pool its statistics over them. ``world_size`` and
     ``ranks_per_node`` default to the initialized process group or the launcher's
     environment (a single process when there is neither). ``pretrained=True`` means
     fine-tuning a BN-pretrained model (default: the policy's ``pretrained``). ``policy``
@@ -53,8 +61,9 @@ def plan(
     A model without normalization layers gets an empty plan and a logged warning.
     """
     result, facts, resolved, layout = decide(
-        model, per_worker_batch_size, world_size, ranks_per_node=ranks_per_node,
-        pretrained=pretrained, policy=policy, sample_input=sample_input,
+        model, per_worker_batch_size, world_size, accumulation_steps=accumulation_steps,
+        ranks_per_node=ranks_per_node, pretrained=pretrained, policy=policy,
+        sample_input=sample_input,
     )  # fmt: skip
     if not facts:
         logger.warning(
@@ -83,6 +92,7 @@ def decide(
     per_worker_batch_size: int | str | os.PathLike[str] | Mapping[str, Any],
     world_size: int | None = None,
     *,
+    accumulation_steps: int | None = None,
     ranks_per_node: int | None = None,
     pretrained: bool | None = None,
     policy: str | os.PathLike[str] | Mapping[str, Any] | Policy | None = None,
@@ -102,9 +112,12 @@ def decide(
                 "per_worker_batch_size must be an int, or a DeepSpeed/Accelerate config "
                 f"(path or dict), got {per_worker_batch_size!r}"
             )
-        per_worker_batch_size = per_worker_batch_size_from_config(
-            per_worker_batch_size, layout.world_size
-        )
+        config = per_worker_batch_size
+        per_worker_batch_size = per_worker_batch_size_from_config(config, layout.world_size)
+        if accumulation_steps is None or _positive_int(accumulation_steps):
+            accumulation_steps = accumulation_steps_from_config(
+                config, layout.world_size, accumulation_steps
+            )
     resolved = load_policy(policy)
     facts = collect_facts(model, sample_input)
     result = make_plan(
@@ -114,5 +127,11 @@ def decide(
         ranks_per_node=layout.ranks_per_node,
         pretrained=pretrained,
         policy=resolved,
+        accumulation_steps=1 if accumulation_steps is None else accumulation_steps,
     )
     return result, facts, resolved, layout
+
+
+def _positive_int(value: Any) -> bool:
+    """Whether ``value`` is a valid size (else ``make_plan`` refuses it, naming the key)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
