@@ -116,6 +116,7 @@ _DISTNORM_ATTRIBUTES = (
     "nonfinite",
     "_sync_layer_id",
     "input_dims",
+    "accumulation_steps",
 )
 
 
@@ -123,12 +124,28 @@ _DISTNORM_ATTRIBUTES = (
 class LayerTarget:
     """What one BatchNorm becomes: a ``norm`` name from :data:`FORCEABLE_NORMS` or
     ``"keep"`` (left exactly as it is, converted or not), the process group
-    its statistics span (synchronized layers), and its number of groups (GN, BCN, BGN;
-    None chooses one with :func:`~distnorm.layers.group_norm.choose_num_groups`)."""
+    its statistics span (synchronized layers), its number of groups (GN, BCN, BGN;
+    None chooses one with :func:`~distnorm.layers.group_norm.choose_num_groups`), and the
+    micro-batches its statistics pool over (``sync_bn`` only; 1: each micro-batch alone)."""
 
     norm: str
     process_group: comm.Group = None
     num_groups: int | None = None
+    accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        steps = self.accumulation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConversionError(
+                f"accumulation_steps must be a positive integer (micro-batches per optimizer "
+                f"step), got {steps!r}"
+            )
+        if steps > 1 and self.norm != "sync_bn":
+            raise ConversionError(
+                f"accumulation_steps={steps} with norm {self.norm!r}: only sync_bn pools "
+                "statistics over micro-batches; use norm='sync_bn', or leave "
+                "accumulation_steps out"
+            )
 
 
 def convert_model(
@@ -141,6 +158,7 @@ def convert_model(
     num_groups: int | None = None,
     weight_standardization: bool | None = None,
     check_sync: bool | None = None,
+    accumulation_steps: int | None = None,
     **plan_options: Any,
 ) -> nn.Module:
     """Replace the BatchNorms of ``model`` with distributed-aware normalizations and return
@@ -157,6 +175,13 @@ def convert_model(
       ``"frozen_bn"``. ``num_groups`` fixes G for the grouped ones (it must divide every
       converted layer's channels; by default GroupNorm's 32, reduced to a divisor).
     * neither: every BatchNorm becomes a :class:`SyncBatchNorm` over ``process_group``.
+
+    ``accumulation_steps`` (gradient accumulation: micro-batches per optimizer step) goes
+    to the plan (default: the config's, when ``per_worker_batch_size`` is one, else 1),
+    which may pool a SyncBatchNorm's statistics over them; with ``norm="sync_bn"`` (or no
+    norm) every SyncBatchNorm normalizes each micro-batch with statistics pooled over the
+    last ``accumulation_steps`` micro-batches of its group and updates its running
+    statistics once per optimizer step. Other forced norms take no ``accumulation_steps``.
 
     ``weight_standardization`` standardizes the convolutions feeding the converted layers:
     by default (None) those feeding ``"gn_ws"``, ``"bcn"`` and ``"bgn"`` layers (the
@@ -197,7 +222,15 @@ def convert_model(
         )
     if planned:
         if plan is None:
-            plan = make_plan(model, per_worker_batch_size, **plan_options)
+            plan = make_plan(
+                model, per_worker_batch_size, accumulation_steps=accumulation_steps, **plan_options
+            )
+        elif accumulation_steps is not None and accumulation_steps != plan.accumulation_steps:
+            raise ConversionError(
+                f"convert_model got accumulation_steps={accumulation_steps} with a plan made "
+                f"for {plan.accumulation_steps}; plan again with accumulation_steps="
+                f"{accumulation_steps}, or leave it out to replay the plan as it is"
+            )
         return apply_targets(
             model,
             plan_targets(plan),
@@ -218,13 +251,26 @@ def convert_model(
             "standardizing their weights would change; leave weight_standardization out, or "
             "choose a norm that learns its statistics (gn_ws, bcn, bgn, sync_bn, bn)"
         )
-    target = LayerTarget(norm, process_group, num_groups)
+    target = LayerTarget(norm, process_group, num_groups, _forced_steps(norm, accumulation_steps))
     return apply_targets(
         model,
         lambda name, module: target,
         weight_standardization=_ws_norms(weight_standardization),
         check_sync=check_sync,
     )
+
+
+def _forced_steps(norm: str, accumulation_steps: int | None) -> int:
+    """The accumulation steps of a forced ``norm``, refused for norms other than sync_bn."""
+    if accumulation_steps is None:
+        return 1
+    if norm != "sync_bn" and accumulation_steps != 1:
+        raise ConversionError(
+            f"convert_model(norm={norm!r}, accumulation_steps={accumulation_steps!r}): only "
+            "sync_bn pools statistics over micro-batches; use norm='sync_bn', or leave "
+            "accumulation_steps out"
+        )
+    return accumulation_steps
 
 
 def plan_targets(
@@ -251,7 +297,7 @@ def plan_targets(
             )
         # Synchronized layers the plan keeps local get a group of their own rank alone.
         group = groups[decision.sync_group_size] if decision.sync_group_size else comm.LOCAL
-        return LayerTarget(decision.norm, group, decision.num_groups)
+        return LayerTarget(decision.norm, group, decision.num_groups, decision.accumulation_steps)
 
     return target_of
 
@@ -372,6 +418,13 @@ def convert_layer(
         return None
     current = _norm_of(module)
     if current is not None:  # converted before: the same norm again is a no-op
+        steps = getattr(module, "accumulation_steps", 1)
+        if current == target.norm and steps != target.accumulation_steps:
+            raise ConversionError(
+                f"{_where(name, module)} is already converted to {current!r} with "
+                f"accumulation_steps={steps}; call distnorm.revert_model first to convert "
+                f"it with accumulation_steps={target.accumulation_steps}"
+            )
         if current == target.norm:
             return None
         raise ConversionError(
@@ -410,7 +463,12 @@ def convert_layer(
         if group is None:  # torch's SyncBatchNorm brings a group of its own
             group = getattr(module, "process_group", None)
         converted._distnorm_name = name  # first: its name identifies it in the sync check
-        converted._init_sync_state(group, check_sync)
+        if target.norm == "sync_bn":
+            converted._init_sync_state(
+                group, check_sync, accumulation_steps=target.accumulation_steps
+            )
+        else:
+            converted._init_sync_state(group, check_sync)
         if target.norm == "bgn":
             converted._init_group_state(_num_groups(name, module, target.num_groups))
         elif target.norm == "bcn":
@@ -568,6 +626,7 @@ class ConversionRow:
     original: str
     converted: str
     sync_group: str
+    accumulation_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -581,7 +640,17 @@ class ConversionReport:
             return "no normalization layers"
         return format_table(
             ("layer", "was", "now", "sync group"),
-            [(r.name, r.original, r.converted, r.sync_group) for r in self.rows],
+            [
+                (
+                    r.name,
+                    r.original,
+                    r.converted
+                    if r.accumulation_steps == 1
+                    else f"{r.converted} (k={r.accumulation_steps})",
+                    r.sync_group,
+                )
+                for r in self.rows
+            ],
         )
 
     @property
@@ -612,6 +681,7 @@ def conversion_report(model: nn.Module) -> ConversionReport:
                     origin.__name__ if origin is not None else "-",
                     type(module).__name__,
                     comm.describe_group(module.process_group) if synchronized else "-",
+                    getattr(module, "accumulation_steps", 1) if synchronized else 1,
                 )
             )
         elif isinstance(module, (_BatchNorm, *UNCONVERTED_NORMS)):
