@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model,
             args.per_worker_batch,
             args.world_size,
+            accumulation_steps=args.accumulation_steps,
             ranks_per_node=args.ranks_per_node,
             pretrained=args.pretrained,
             policy=args.policy,
@@ -74,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
         "--ranks-per-node",
         type=_positive,
         help="ranks on each node (default: from the launcher's environment, else unknown)",
+    )
+    plan_parser.add_argument(
+        "--accumulation-steps",
+        type=_positive,
+        metavar="K",
+        help="micro-batches per optimizer step under gradient accumulation (default: the "
+        "config's gradient_accumulation_steps when B is a config, else 1)",
     )
     plan_parser.add_argument(
         "--pretrained",
