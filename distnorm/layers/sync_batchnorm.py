@@ -605,18 +605,22 @@ class SyncBatchNorm(_BatchNorm):
                 "batch statistics: 'gn_ws' (training from scratch) or 'frozen_bn' (fine-tuning)"
             )
         factor = 0.0 if self.momentum is None else self.momentum
-        # A recomputed forward (activation checkpointing) updates nothing a second time.
-        tracking = self.track_running_stats and not (self.training and recomputing())
-        if self.training and tracking and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        again = self.training and recomputing()  # activation checkpointing, in backward
+        tracked = self.num_batches_tracked
+        if self.training and self.track_running_stats and tracked is not None:
+            if not again:
+                tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / float(tracked)
         # Batch statistics in training, and in eval when there are no running statistics.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are read in eval and updated in training only when tracked.
-        keep_running = not self.training or tracking
+        keep_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if keep_running else None
         running_var = self.running_var if keep_running else None
+        if again and running_mean is not None and running_var is not None:
+            # Copies to update and drop: the recomputation saves what the forward saved.
+            running_mean, running_var = running_mean.clone(), running_var.clone()
         if groups == input.size(1):
             weight, bias = kernels.affine_for(weight, bias, running_mean)
             return F.batch_norm(
