@@ -6,7 +6,12 @@ Here, 4 real processes (gloo) train a small CNN with per-worker batch 1, 2, 4, 8
 each normalization: local BN (each worker's own statistics), distnorm SyncBN (the world's),
 GN+WS, BCN, BGN (with WS, its default, and without), and what distnorm's default policy
 chooses for that batch; several seeds. The regret table compares the policy with the best
-fixed normalization at each batch, seed by seed.
+fixed normalization at each batch, seed by seed. With gradient accumulation (issue: the
+statistics of a step's micro-batches), "SyncBN + accumulation" pools each layer's statistics
+over the world and the last k micro-batches, and "policy + accumulation" is what the policy
+chooses when told the job accumulates k micro-batches (``accumulation_steps``); k is
+``--accumulate-to`` images per worker over the per-worker batch, run at the per-worker
+batches of ``--accumulation-batches`` only.
 
 The data, "digits-M": scikit-learn's 1,797 8x8 digits (shipped with the package; nothing
 is downloaded), upsampled to 12x12, placed at a random shift of up to 2 pixels in a 16x16
@@ -49,8 +54,10 @@ import distnorm
 from benchmarks import common
 
 NAME = "accuracy"
-NORMS = ["bn", "sync_bn", "gn_ws", "bcn", "bgn", "bgn_no_ws", "policy"]
-FIXED_NORMS = [n for n in NORMS if n != "policy"]
+ACCUMULATING_NORMS = ["sync_bn_accum", "policy_accum"]
+NORMS = ["bn", "sync_bn", "gn_ws", "bcn", "bgn", "bgn_no_ws", "policy", *ACCUMULATING_NORMS]
+# What the default policy is compared with: the normalizations that see one micro-batch.
+FIXED_NORMS = [n for n in NORMS if n != "policy" and n not in ACCUMULATING_NORMS]
 FRAME, DIGIT, SHIFT = 16, 12, 2  # frame and digit side, largest shift (pixels)
 TRAIN_DIGITS = 1200
 # DDP's option not to broadcast buffers every forward (renamed in newer torch).
@@ -169,7 +176,9 @@ def train_one(
     batch, seed = run["per_worker_batch"], run["seed"]
     accumulate = config["global_batch"] // (world_size * batch)
     torch.manual_seed(seed)
-    model = common.normalize(small_cnn(config["width"]), run["norm"], per_worker_batch=batch)
+    model = common.normalize(
+        small_cnn(config["width"]), run["norm"], batch, run.get("accumulation_steps", 1)
+    )
     # Rank 0 is tested with its own running statistics: no buffer broadcast needed.
     trained = DistributedDataParallel(model, **NO_BUFFER_SYNC)
     optimizer = torch.optim.SGD(
@@ -255,6 +264,31 @@ def policy_same_as(per_worker_batch: int, world_size: int, width: int) -> str | 
     return None
 
 
+def accumulated_plan(per_worker_batch: int, world_size: int, width: int, steps: int) -> str:
+    """What the policy chooses for the first layer when told of ``steps`` micro-batches per
+    step, in a few words (e.g. "sync_bn g1 k16")."""
+    layer = distnorm.plan(
+        small_cnn(width), per_worker_batch, world_size=world_size, accumulation_steps=steps
+    ).layers[0]
+    group = "" if layer.sync_group_size is None else f" g{layer.sync_group_size}"
+    return f"{layer.norm}{group} k{layer.accumulation_steps}"
+
+
+def accumulation_steps(args: Any, batch: int) -> int:
+    """k for the accumulating runs at ``batch`` images per worker: ``--accumulate-to / b``,
+    which must divide the micro-batches of an optimizer step (the weights are fixed over
+    the window)."""
+    steps, remainder = divmod(args.accumulate_to, batch)
+    micro_batches = args.global_batch // (args.world_size * batch)
+    if remainder or micro_batches % steps:
+        raise SystemExit(
+            f"--accumulate-to {args.accumulate_to} at per-worker batch {batch}: k = "
+            f"{args.accumulate_to}/{batch} must be an integer dividing the {micro_batches} "
+            "micro-batches of an optimizer step"
+        )
+    return steps
+
+
 def run(args: Any) -> list[dict[str, Any]]:
     if not args.global_batch <= args.epoch_size <= TRAIN_DIGITS:
         raise SystemExit(f"--epoch-size must lie between --global-batch and {TRAIN_DIGITS}")
@@ -264,6 +298,11 @@ def run(args: Any) -> list[dict[str, Any]]:
                 f"--global-batch {args.global_batch} is not a multiple of world size x "
                 f"per-worker batch = {args.world_size * batch}"
             )
+    accumulating = {
+        b: accumulation_steps(args, b)
+        for b in args.per_worker_batch
+        if b in args.accumulation_batches and any(n in ACCUMULATING_NORMS for n in args.norms)
+    }
     settings = {
         k: getattr(args, k)
         for k in (
@@ -292,9 +331,11 @@ def run(args: Any) -> list[dict[str, Any]]:
 
     planned = [
         {"norm": norm, "per_worker_batch": b, "seed": seed}
+        | ({"accumulation_steps": accumulating[b]} if norm in ACCUMULATING_NORMS else {})
         for seed in args.seeds
         for b in args.per_worker_batch
         for norm in args.norms
+        if norm not in ACCUMULATING_NORMS or b in accumulating
     ]
     todo = []
     for r in map(trained_as, planned):
@@ -333,6 +374,10 @@ def run(args: Any) -> list[dict[str, Any]]:
         record = {**settings, **r, **cache.get({**settings, **trained_as(r)})}
         if r["norm"] == "policy":
             record["policy_choice"] = aliases[r["per_worker_batch"]] or "mixed"
+        elif r["norm"] == "policy_accum":
+            record["policy_choice"] = accumulated_plan(
+                r["per_worker_batch"], args.world_size, args.width, r["accumulation_steps"]
+            )
         records.append(record)
     return records
 
@@ -351,24 +396,26 @@ def aggregate(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, 
             "std": float(np.std([r["accuracy"] for r in runs])),
             "seeds": len(runs),
             "policy_choice": runs[0].get("policy_choice"),
+            "accumulation_steps": runs[0].get("accumulation_steps", 1),
         }
         for key, runs in groups.items()
     }
 
 
 def targets(stats: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
-    """The issue's check at per-worker batch 2, against local BN at 32."""
+    """The issues' checks at per-worker batch 2, against local BN at 32: the policy's
+    choice, local BN, and the accumulating runs (target: within 0.5 points)."""
     reference = stats.get(("bn", 32))
-    if reference is None or ("policy", 2) not in stats or ("bn", 2) not in stats:
+    if reference is None:
         return {}
-    return {
-        "bn_at_32": reference["mean"],
-        "policy_at_2": stats[("policy", 2)]["mean"],
-        "policy_choice_at_2": stats[("policy", 2)]["policy_choice"],
-        "local_bn_at_2": stats[("bn", 2)]["mean"],
-        "policy_at_2_minus_bn_at_32": stats[("policy", 2)]["mean"] - reference["mean"],
-        "local_bn_at_2_minus_bn_at_32": stats[("bn", 2)]["mean"] - reference["mean"],
-    }
+    goals: dict[str, Any] = {"bn_at_32": reference["mean"]}
+    for norm in ("policy", "bn", *ACCUMULATING_NORMS):
+        if (norm, 2) in stats:
+            goals[f"{norm}_at_2"] = stats[(norm, 2)]["mean"]
+            goals[f"{norm}_at_2_minus_bn_at_32"] = stats[(norm, 2)]["mean"] - reference["mean"]
+    if ("policy", 2) in stats:
+        goals["policy_choice_at_2"] = stats[("policy", 2)]["policy_choice"]
+    return goals
 
 
 def regret(records: list[dict[str, Any]], stats: dict) -> list[dict[str, Any]]:
@@ -409,7 +456,10 @@ def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any], re
         s = stats.get((norm, batch))
         if s is None:
             return "-"
-        choice = f" ({s['policy_choice']})" if norm == "policy" and s["policy_choice"] else ""
+        policy = norm in ("policy", "policy_accum") and s["policy_choice"]
+        choice = f" ({s['policy_choice']})" if policy else ""
+        if norm == "sync_bn_accum":
+            choice = f" (k{s['accumulation_steps']})"
         return f"{s['mean']:.1f} ± {s['std']:.1f}{choice}"
 
     table = common.markdown_table(
@@ -420,7 +470,9 @@ def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any], re
     text = (
         f"Test accuracy (%) on digits-M, mean ± std over {len({r['seed'] for r in records})} "
         f"seeds; {first['world_size']} processes, per-worker batch in the columns, "
-        f"{first['epochs']} epochs at {first['global_batch']} images per optimizer step.\n\n"
+        f"{first['epochs']} epochs at {first['global_batch']} images per optimizer step. "
+        "The accumulating runs pool statistics over k micro-batches (in brackets: the "
+        "policy's choice, g ranks and k).\n\n"
         f"{table}"
     )
     if regrets:
@@ -448,12 +500,15 @@ def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any], re
                 ],
             )  # fmt: skip
         )
-    if goals:
+    compared = [n for n in ("policy", "bn", *ACCUMULATING_NORMS) if f"{n}_at_2" in goals]
+    if compared:
         text += (
-            f"\n\nAt per-worker batch 2 against local BN at 32 ({goals['bn_at_32']:.1f}%): the "
-            f"policy's choice ({goals['policy_choice_at_2']}) "
-            f"{goals['policy_at_2_minus_bn_at_32']:+.1f} points, local BN "
-            f"{goals['local_bn_at_2_minus_bn_at_32']:+.1f} points."
+            f"\n\nAt per-worker batch 2 against local BN at 32 ({goals['bn_at_32']:.1f}%): "
+            + ", ".join(
+                f"{common.NORM_LABELS[n]} {goals[f'{n}_at_2_minus_bn_at_32']:+.1f} points"
+                for n in compared
+            )
+            + "."
         )
     return text
 
@@ -471,7 +526,7 @@ def figure(stats: dict[tuple[str, int], dict[str, Any]], world_size: int) -> Any
             yerr=[s for _, _, s in points],
             marker="o",
             capsize=3,
-            linestyle="--" if norm == "policy" else "-",
+            linestyle="--" if norm in ("policy", "policy_accum") else "-",
             label=common.NORM_LABELS[norm],
         )
     reference = stats.get(("bn", 32))
@@ -499,6 +554,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--per-worker-batch", type=int, nargs="+", default=[1, 2, 4, 8, 32], help="images"
     )
     parser.add_argument("--norms", nargs="+", choices=NORMS, default=NORMS, help="compared")
+    parser.add_argument(
+        "--accumulate-to",
+        type=int,
+        default=32,
+        help="images per worker the accumulating runs pool statistics over",
+    )
+    parser.add_argument(
+        "--accumulation-batches",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="per-worker batches at which the accumulating runs are made",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run each")
     parser.add_argument("--world-size", type=int, default=4, help="processes (gloo)")
     parser.add_argument("--epochs", type=int, default=24, help="passes over --epoch-size")
@@ -526,6 +594,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "epoch_size": 32,
             "width": 4,
             "background_bank": 16,
+            "accumulate_to": 4,
         },
     )
     records = run(args)

@@ -56,6 +56,8 @@ NORM_LABELS = {
     "bgn": "BGN+WS",
     "bgn_no_ws": "BGN without WS",
     "policy": "policy default",
+    "sync_bn_accum": "distnorm SyncBN + accumulation",
+    "policy_accum": "policy + accumulation",
     "torch_sync_bn": "torch.nn.SyncBatchNorm",
 }
 
@@ -227,19 +229,27 @@ def progress(total: float, description: str, unit: str = "it") -> tqdm:
 # --- Normalizations by name ------------------------------------------------------------
 
 
-def normalize(model: nn.Module, norm: str, per_worker_batch: int | None = None) -> nn.Module:
+def normalize(
+    model: nn.Module, norm: str, per_worker_batch: int | None = None, accumulation_steps: int = 1
+) -> nn.Module:
     """``model`` (with torch BatchNorms) converted to the normalization ``norm`` names
     (a key of :data:`NORM_LABELS`), in the current process group: "bn" leaves it as it
     is; "policy" lets :func:`distnorm.convert_model` plan for ``per_worker_batch``;
+    "policy_accum" plans for it and ``accumulation_steps`` micro-batches per step;
+    "sync_bn_accum" is SyncBN over the world pooling ``accumulation_steps`` micro-batches;
     "bgn_no_ws" is BGN without the Weight Standardization it has by default;
     "sync_bn_group2" synchronizes groups of 2 consecutive ranks (created here, on every
     rank, as ``new_group`` requires); "torch_sync_bn" is torch's own (CUDA only)."""
     if norm == "bn":
         return model
-    if norm == "policy":
+    if norm in ("policy", "policy_accum"):
         if per_worker_batch is None:
             raise ValueError("the policy's choice needs the per-worker batch size")
-        return distnorm.convert_model(model, per_worker_batch_size=per_worker_batch)
+        return distnorm.convert_model(
+            model, per_worker_batch_size=per_worker_batch, accumulation_steps=accumulation_steps
+        )
+    if norm == "sync_bn_accum":
+        return distnorm.convert_model(model, norm="sync_bn", accumulation_steps=accumulation_steps)
     if norm == "sync_bn_group2":
         return distnorm.convert_model(model, norm="sync_bn", process_group=consecutive_group(2))
     if norm == "torch_sync_bn":

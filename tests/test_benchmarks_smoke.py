@@ -115,10 +115,19 @@ def test_accuracy(tmp_path, monkeypatch):
     result = accuracy.main(["--tiny", "--out", str(tmp_path)])
     payload = check_outputs(result["paths"], "accuracy")
     records = payload["records"]
+    # the accumulating runs only at the per-worker batches of --accumulation-batches (1, 2)
     assert {(r["norm"], r["per_worker_batch"]) for r in records} == {
-        (n, b) for n in accuracy.NORMS for b in (2, 4)
-    }
+        (n, b) for n in accuracy.NORMS for b in (2, 4) if n not in accuracy.ACCUMULATING_NORMS
+    } | {(n, 2) for n in accuracy.ACCUMULATING_NORMS}
     assert all(0.0 <= r["accuracy"] <= 100.0 for r in records)
+    # tiny: --accumulate-to 4 at 2 images per worker, k = 2; 2 ranks x 2 x 2 = 8 samples
+    # reach neither the target (32) nor the floor (16), so the policy told of k still
+    # chooses BGN+WS over both ranks, without accumulation
+    for r in records:
+        if r["norm"] in accuracy.ACCUMULATING_NORMS:
+            assert r["accumulation_steps"] == 2
+        if r["norm"] == "policy_accum":
+            assert r["policy_choice"] == "bgn g2 k1"
     # at 2 processes, 2 or 4 images each reach neither the 32-sample target nor the floor
     # of 16: the policy picks BGN+WS over both ranks, which is the forced BGN run itself
     for r in records:
