@@ -535,6 +535,12 @@ class SyncBatchNorm(_BatchNorm):
         """Whether training calls pool statistics over micro-batches."""
         return self.training and self.accumulation_steps > 1
 
+    def _mid_step(self) -> bool:
+        """Whether training calls were made since the last step ended (or may have been:
+        calls under torch.compile are not counted on the host)."""
+        state = self._sync
+        return state is not None and state.window is not None and state.window.host_phase != 0
+
     def _finish_partial_step(self) -> None:
         """Before an optimizer step: if fewer than k micro-batches were made since the
         last step ended, update the running statistics from them, and start a new step."""
@@ -664,13 +670,19 @@ class SyncBatchNorm(_BatchNorm):
 
 
 # Layers that accumulate statistics over micro-batches: a partial step ends at the next
-# optimizer step (any optimizer's; a no-op for layers whose step ended with its k-th call).
+# step of an optimizer that updates the layer's parameters (any, for a layer without).
 _ACCUMULATING: weakref.WeakSet[SyncBatchNorm] = weakref.WeakSet()
 
 
-def _finish_partial_steps(*_: Any) -> None:
-    for layer in list(_ACCUMULATING):
-        layer._finish_partial_step()
+def _finish_partial_steps(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+    partial = [layer for layer in list(_ACCUMULATING) if layer._mid_step()]
+    if not partial:
+        return
+    updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for layer in partial:
+        owned = [id(p) for p in layer.parameters(recurse=False)]
+        if not owned or any(p in updated for p in owned):
+            layer._finish_partial_step()
 
 
 register_optimizer_step_pre_hook(_finish_partial_steps)
