@@ -10,6 +10,8 @@ the defined forward, computed here by autograd.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,4 +168,39 @@ def test_ddp_no_sync_steps_update_running_statistics_per_step() -> None:
     for mean, var, tracked in run_on_ranks(_ddp_no_sync, 2):
         torch.testing.assert_close(mean, reference.running_mean, rtol=0, atol=1e-12)
         torch.testing.assert_close(var, reference.running_var, rtol=0, atol=1e-12)
+        assert int(tracked) == 2
+
+
+def _deepspeed_steps(rank: int, world_size: int) -> list[torch.Tensor]:
+    """DeepSpeed's engine with ``gradient_accumulation_steps: K``: ``engine.step()`` after
+    every micro-batch, the optimizer stepped by the engine at each K-th."""
+    import deepspeed  # noqa: PLC0415 - on the CPU accelerator, set by the parent
+
+    # What the deepspeed launcher sets; the process group exists already (gloo).
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world_size))
+    layer = distnorm.SyncBatchNorm2d(CHANNELS, accumulation_steps=K)  # fp32: DeepSpeed's
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": K,
+        "zero_optimization": {"stage": 0},
+    }
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    engine, *_ = deepspeed.initialize(model=layer, optimizer=optimizer, config=config)
+    for step in range(2):
+        for micro in range(K):
+            x, g = data(step, micro, rank)
+            engine.backward((engine(x.float()) * g.float()).sum())
+            engine.step()
+    return [layer.running_mean, layer.running_var, layer.num_batches_tracked]
+
+
+def test_deepspeed_gradient_accumulation_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    reference = nn.BatchNorm2d(CHANNELS).double()
+    for step in range(2):
+        reference(torch.cat([data(step, j, r)[0] for j in range(K) for r in range(2)]))
+    for mean, var, tracked in run_on_ranks(_deepspeed_steps, 2, timeout_s=300):
+        torch.testing.assert_close(mean.double(), reference.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(var.double(), reference.running_var, rtol=1e-5, atol=1e-6)
         assert int(tracked) == 2
