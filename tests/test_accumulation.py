@@ -3,9 +3,9 @@ single-process float64 references.
 
 The defined forward: micro-batch t (counted over the whole run) normalizes with the moments
 of micro-batches t-k+1..t of every rank of the group, the earlier ones held constant. So
-micro-batch k of a step equals nn.BatchNorm on the step's concatenated batch, running
-statistics move once per step as nn.BatchNorm's on that batch, and gradients are those of
-the defined forward, computed here by autograd.
+micro-batch k of a step equals nn.BatchNorm on the step's concatenated batch, and running
+statistics move once per step as nn.BatchNorm's on that batch. The backward averages its
+gradient sums over the same window (see ``_reference``).
 """
 
 from __future__ import annotations
@@ -78,29 +78,47 @@ def accumulated() -> list[dict]:
 
 def _reference() -> tuple[list, list, list, list]:
     """Outputs and input gradients per micro-batch and rank; running statistics and the
-    summed parameter gradients per step: autograd on the defined forward, in float64."""
+    summed parameter gradients per step, in float64, from the defined forward and backward.
+
+    Micro-batch t normalizes with the mean and biased variance of micro-batches t-K+1..t of
+    both ranks. Its input gradient is BatchNorm's, ``gamma invstd (g - S_g / n - xhat
+    S_gx / n)``, with the sums ``S_g = sum g`` and ``S_gx = sum g xhat`` taken over the same
+    window: this micro-batch's, and each earlier one's as its own backward pass found them
+    (MABN's averaged backward statistics, Yan et al. 2020)."""
     weight, bias = affine()
+    channel = (1, -1, 1, 1)
     micro_batches = [[data(s, j, r) for r in range(2)] for s in range(len(SIZES)) for j in range(K)]
     running = nn.BatchNorm2d(CHANNELS).double()
-    outputs, grads, stats, param_grads = [], [], [], []
-    w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    outputs, grads, stats, param_grads, sums = [], [], [], [], []
+    weight_grad, bias_grad = torch.zeros(CHANNELS, dtype=torch.float64), 0.0
     for t, ranks in enumerate(micro_batches):
-        window = [x for earlier in micro_batches[max(0, t - K + 1) : t] for x, _ in earlier]
-        current = [x.clone().requires_grad_(True) for x, _ in ranks]
-        values = torch.cat([*window, *current])
-        mean = values.mean(dim=(0, 2, 3), keepdim=True)
-        var = values.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        ys = [(x - mean) / torch.sqrt(var + 1e-5) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-              for x in current]  # fmt: skip
-        sum((y * g).sum() for y, (_, g) in zip(ys, ranks, strict=True)).backward()
-        outputs.append([y.detach() for y in ys])
-        grads.append([x.grad for x in current])
+        window = [x for earlier in micro_batches[max(0, t - K + 1) : t + 1] for x, _ in earlier]
+        values = torch.cat(window)
+        count = values.numel() // CHANNELS
+        mean = values.mean(dim=(0, 2, 3)).view(channel)
+        invstd = torch.rsqrt(values.var(dim=(0, 2, 3), unbiased=False) + 1e-5).view(channel)
+        normalized = [(x - mean) * invstd for x, _ in ranks]
+        outputs.append([xhat * weight.view(channel) + bias.view(channel) for xhat in normalized])
+        g_sum = sum(g.sum(dim=(0, 2, 3)) for _, g in ranks)
+        gx_sum = sum(
+            (g * xhat).sum(dim=(0, 2, 3)) for (_, g), xhat in zip(ranks, normalized, strict=True)
+        )
+        sums.append((g_sum, gx_sum))
+        window_g = sum(a for a, _ in sums[max(0, t - K + 1) :]).view(channel) / count
+        window_gx = sum(b for _, b in sums[max(0, t - K + 1) :]).view(channel) / count
+        grads.append(
+            [
+                weight.view(channel) * invstd * (g - window_g - xhat * window_gx)
+                for (_, g), xhat in zip(ranks, normalized, strict=True)
+            ]
+        )
+        weight_grad, bias_grad = weight_grad + gx_sum, bias_grad + g_sum
         if t % K == K - 1:
             step = [x for earlier in micro_batches[t - K + 1 : t + 1] for x, _ in earlier]
             running(torch.cat(step))  # one nn.BatchNorm step on the concatenated batch
             stats.append((running.running_mean.clone(), running.running_var.clone()))
-            param_grads.append((w.grad.clone(), b.grad.clone()))
-            w.grad, b.grad = None, None
+            param_grads.append((weight_grad, bias_grad))
+            weight_grad, bias_grad = torch.zeros(CHANNELS, dtype=torch.float64), 0.0
     return outputs, grads, stats, param_grads
 
 
@@ -113,7 +131,7 @@ def test_micro_batch_k_equals_batchnorm_on_the_step_batch(accumulated: list[dict
         torch.testing.assert_close(last, expected[len(expected) - rows :], rtol=0, atol=1e-12)
 
 
-def test_outputs_and_gradients_are_those_of_the_defined_forward(accumulated: list[dict]) -> None:
+def test_outputs_and_gradients_are_those_of_the_defined_rule(accumulated: list[dict]) -> None:
     outputs, grads, _, param_grads = _reference()
     for t in range(len(outputs)):
         for rank in range(2):

@@ -36,6 +36,7 @@ class StatisticsWindow:
     def __init__(self, steps: int, groups: int, like: Tensor) -> None:
         self.steps, self.groups = steps, groups
         self.rows = like.new_zeros(steps, 2 * groups + 1)
+        self.gradients = like.new_zeros(steps, 2 * groups)  # [sum(g) | sum(g xhat)] per slot
         self.phase = torch.zeros(1, dtype=torch.long, device=like.device)
         self.slots = torch.arange(steps, device=like.device)
         self.host_phase: int | None = 0
@@ -49,25 +50,37 @@ class StatisticsWindow:
 
     def pool(
         self, mean: Tensor, var: Tensor, count: Tensor, ok: Tensor, recomputing: bool
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Replace the current micro-batch's ``mean`` and biased ``var`` (group sums over
-        ``count`` values, in place) by the window's; return the window's count and whether
-        running statistics may be updated now (``ok``, at a step's last micro-batch).
+        ``count`` values, in place) by the window's; return the window's count, whether
+        running statistics may be updated now (``ok``, at a step's last micro-batch) and
+        the call's slot (for :meth:`pooled_gradients`).
 
-        A call the layer may use (``ok``) takes its slot; one that is not leaves it empty.
-        A ``recomputing`` call (activation checkpointing) puts itself in the slot of the
-        call it recomputes, in a copy: the window is left as it was."""
+        A call the layer may use (``ok``) takes its slot; one that is not leaves it
+        empty. A ``recomputing`` call (activation checkpointing) puts itself in the slot
+        of the call it recomputes, in a copy: the window is left as it was."""
         current = torch.cat((mean, var * count, count.view(1)))
         if recomputing:
             slot = torch.remainder(self.phase + (self.steps - 1), self.steps)
             rows = self.rows.index_copy(0, slot, current.view(1, -1))
             update = torch.zeros_like(ok)
         else:
-            rows = self.rows
+            slot, rows = self.phase.clone(), self.rows
             rows.index_copy_(0, self.phase, torch.where(ok, current, 0.0).view(1, -1))
             update = ok & self.phase.eq(self.steps - 1).view(())
             self.phase.add_(1).remainder_(self.steps)
-        return _pooled(rows, self.groups, mean, var), update
+        return _pooled(rows, self.groups, mean, var), update, slot
+
+    def pooled_gradients(self, sums: Tensor, slot: Tensor, keep: bool = True) -> Tensor:
+        """The window's ``[sum(g), sum(g xhat)]`` (2, G): this call's group ``sums`` in
+        its ``slot``, the other micro-batches' as their backward passes left them (a
+        micro-batch without one leaves those of the call k before it: only the backward
+        writes them, which a compiled backward requires). ``keep=False``: left out of the
+        window. MABN's averaged backward statistics (Yan et al., Sec. 4.1)."""
+        rows = self.gradients.index_copy(0, slot, sums.reshape(1, -1))
+        if keep:  # not when the window was made by the compiled graph calling this
+            self.gradients.copy_(rows)
+        return rows.sum(dim=0).view(2, self.groups)
 
     def finish(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """End a partial step (an optimizer step before k micro-batches): the statistics of

@@ -226,8 +226,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         nonfinite, mismatch = channel.flag("nonfinite"), channel.flag("forward")
         nonfinite.addmv_(state.zeros, summed[:-1])
         ok = torch.eq(mismatch, nonfinite).view(())
+        slot = None
         if state.window is not None:  # gradient accumulation: the window's statistics
-            total, ok = state.window.pool(mean, var, total, ok, state.recomputing)
+            total, ok, slot = state.window.pool(mean, var, total, ok, state.recomputing)
         torch.rsqrt(var + eps, out=invstd)
 
         if groups == channels:
@@ -241,7 +242,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             scale = channel_invstd if weight is None else channel_invstd * weight
             output = kernels.channel_affine(input, centre, scale, bias, state.ones)
 
-        ctx.save_for_backward(input, weight, centre, channel_invstd, scale, invstd, total)
+        ctx.save_for_backward(input, weight, centre, channel_invstd, scale, invstd, total, slot)
         ctx.state, ctx.eps, ctx.call = state, eps, state.calls
         ctx.mark_non_differentiable(mean, var, total, ok)
         ctx.set_materialize_grads(False)  # no zero gradients made for those four
@@ -260,7 +261,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def _backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         # ``count``: the values the forward's statistics came from (the window's, with
         # gradient accumulation), by which the gradient's sums are averaged.
-        input, weight, centre, channel_invstd, scale, invstd, count = ctx.saved_tensors
+        input, weight, centre, channel_invstd, scale, invstd, count, slot = ctx.saved_tensors
         state: _SyncState = ctx.state
         channel = state.channel
         channels, groups = input.size(1), state.groups
@@ -286,6 +287,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             torch.cat((sum_grad, sum_grad_centred), out=payload.view(-1))
             summed = channel.all_reduce(buffer, "backward", check=not state.traced)
             sums = summed[:-1].view(2, groups)
+            if slot is not None:  # the window's, by sum(g (x - mu)) = sum(g xhat) / invstd
+                sums = torch.stack((sums[0], sums[1] * invstd))
+                sums = state.window.pooled_gradients(sums, slot, not state.traced)
+                sums[1].div_(invstd)
             grad_input = torch.batch_norm_backward_elemt(
                 grad_output, input, centre, invstd, weight, sums[0], sums[1],
                 count.view(1).to(torch.int32),
@@ -306,9 +311,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             weighted = member if weight is None else member * weight.view(-1, 1)
             torch.mm(torch.stack((grad_bias, grad_weight)), weighted, out=payload)
         summed = channel.all_reduce(buffer, "backward", check=not state.traced)
+        sums = summed[:-1].view(2, groups)
+        if slot is not None:  # gradient accumulation: the window's sums
+            sums = state.window.pooled_gradients(sums, slot, not state.traced)
         grad_input = None
         if needs_input:
-            means = summed[:-1].view(2, groups) / count
+            means = sums / count
             # dx = gamma invstd g - invstd (mean(dxhat) + xhat mean(dxhat xhat)), per group:
             #    = g * scale + (x - mu) * slope + constant
             factor = scale if groups == channels else invstd
