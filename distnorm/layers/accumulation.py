@@ -5,17 +5,22 @@ optimizer step, so the moments of the step's whole batch are the right statistic
 of its micro-batches; but a micro-batch can only use those of the micro-batches already
 seen. Micro-batch j of a step normalizes with the moments pooled over a window of the last
 k micro-batches across its sync group: j of this step and k - j of the previous one, held
-as constants (no gradient through them), the reuse of recent statistics of Yan et al.
-2020 (MABN, arXiv:2001.06838, Sec. 4). Per micro-batch the window keeps its mean, sum of
-squared deviations M2 and count; pooling is Chan, Golub & LeVeque (1983), eq. 2.1::
+as constants, the reuse of recent statistics of Yan et al. 2020 (MABN, arXiv:2001.06838).
+Per micro-batch the window keeps its mean, sum of squared deviations M2 and count, pooled
+by Chan, Golub & LeVeque (1983), eq. 2.1::
 
     n = sum n_i,   mu = sum n_i mu_i / n,   M2 = sum M2_i + sum n_i (mu_i - mu)^2
 
+The backward is BatchNorm's, ``dx = gamma invstd (g - mean(g) - xhat mean(g xhat))``, with
+both means over the same window (MABN's averaged backward statistics, Sec. 4.1): each
+micro-batch's sums as its own backward left them. The exact gradient of the windowed
+forward averages the current micro-batch's sums only, over the window's count, which
+leaves BatchNorm's gradient nearly uncentred; the accuracy study did not train with it.
 At micro-batch k the window is exactly the step's batch, and running statistics are updated
-once, from it, as ``nn.BatchNorm`` would from that batch. Everything lives on the device
-(slot index included) and is updated in place; the host keeps a mirror of the phase only
-to skip the optimizer-step check when no step is partial. Cost per micro-batch: no
-collective beyond the layer's own, about 15 operations on k x (2G + 1) values.
+once, from it, as ``nn.BatchNorm`` would from that batch. State lives on the device (slot
+index included), updated in place; the host mirrors the phase only to skip the
+optimizer-step check. Cost per micro-batch: no collective beyond the layer's own, about
+20 operations on k x (2G + 1) values.
 """
 
 from __future__ import annotations

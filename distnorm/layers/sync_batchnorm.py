@@ -21,6 +21,10 @@ tells whether all ranks were in the same one (:mod:`distnorm.comm`); a mismatche
 non-finite batch leaves the shift and running statistics untouched on every rank, and
 :mod:`distnorm.health` raises or warns on the host, once a step, for the whole model.
 
+A forward recomputed in backward (activation checkpointing) updates no shift or running
+statistics a second time. With ``accumulation_steps=k`` the statistics are those of the
+group's last k micro-batches (:mod:`distnorm.layers.accumulation`).
+
 Cost per training call: one all-reduce of ``2C + 1`` values each way (plus the tag),
 whatever the world size (one more, once, to agree on K); the passes of torch's own
 BatchNorm, by its kernels (CUDA: the fused SyncBN kernels); a fixed, published number of
@@ -350,7 +354,10 @@ class SyncBatchNorm(_BatchNorm):
     statistics does besides leaving the running statistics alone, on every rank: ``"warn"``
     (once per process), ``"raise"`` (:class:`~distnorm.errors.InputError`) or ``"skip"``
     (nothing). Both are reported by :mod:`distnorm.health`, at the latest at the first
-    synchronized call of the next step.
+    synchronized call of the next step. ``accumulation_steps`` (attribute of the same
+    name): with k > 1, each training call is a micro-batch of an optimizer step of k, and
+    is normalized with the statistics of the group's last k micro-batches; running
+    statistics move once per step (:mod:`distnorm.layers.accumulation`).
     """
 
     # The input ranks accepted (None: any from 2); the 1d/2d/3d classes and layers
