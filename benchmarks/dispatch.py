@@ -37,11 +37,13 @@ LAYERS: dict[str, Callable[[int], nn.Module]] = {
     "sync_bn": distnorm.SyncBatchNorm,
     "bgn": lambda channels: distnorm.BatchGroupNorm(channels, 8),
     "bcn": distnorm.BatchChannelNorm,
+    "sync_bn_accum": lambda channels: distnorm.SyncBatchNorm(channels, accumulation_steps=4),
 }
 LABELS = {"bn": "nn.BatchNorm2d", "sync_bn": "SyncBatchNorm", "bgn": "BatchGroupNorm (G=8)",
-          "bcn": "BatchChannelNorm"}  # fmt: skip
+          "bcn": "BatchChannelNorm",
+          "sync_bn_accum": "SyncBatchNorm, accumulation_steps=4"}  # fmt: skip
 # The budgets for a synchronized layer's steady step (forward + backward).
-BUDGETS = {"sync_bn": 40, "bgn": 40, "bcn": 60}
+BUDGETS = {"sync_bn": 40, "bgn": 40, "bcn": 60, "sync_bn_accum": 60}
 _ALLOCATIONS = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 _HOST_READS = {"_local_scalar_dense", "nonzero", "lift_fresh"}
 

@@ -1,6 +1,6 @@
 """What a steady training step of a synchronized layer dispatches, on 2 real gloo ranks:
 at most 40 kernel operations for SyncBatchNorm and BatchGroupNorm and 60 for
-BatchChannelNorm (forward + backward, views and allocations not counted), with the
+BatchChannelNorm and for SyncBatchNorm accumulating over micro-batches (forward + backward, views and allocations not counted), with the
 mismatch check and the non-finite guard on, and no host read in any layer; the whole
 model reads the host once per step (distnorm.health's report), whatever its depth.
 

@@ -19,8 +19,8 @@ leaves BatchNorm's gradient nearly uncentred; the accuracy study did not train w
 At micro-batch k the window is exactly the step's batch, and running statistics are updated
 once, from it, as ``nn.BatchNorm`` would from that batch. State lives on the device (slot
 index included), updated in place; the host mirrors the phase only to skip the
-optimizer-step check. Cost per micro-batch: no collective beyond the layer's own, about
-20 operations on k x (2G + 1) values.
+optimizer-step check. Cost per micro-batch: no collective beyond the layer's own, and a
+fixed number of operations on k x (2G + 1) values (``benchmarks/dispatch.py``).
 """
 
 from __future__ import annotations
