@@ -142,7 +142,7 @@ class LayerTarget:
             )
         if steps > 1 and self.norm != "sync_bn":
             raise ConversionError(
-                f"accumulation_steps={steps} with norm {self.norm!r}: only sync_bn pools "
+                f"accumulation_steps={steps} with norm={self.norm!r}: only sync_bn pools "
                 "statistics over micro-batches; use norm='sync_bn', or leave "
                 "accumulation_steps out"
             )
@@ -251,26 +251,14 @@ def convert_model(
             "standardizing their weights would change; leave weight_standardization out, or "
             "choose a norm that learns its statistics (gn_ws, bcn, bgn, sync_bn, bn)"
         )
-    target = LayerTarget(norm, process_group, num_groups, _forced_steps(norm, accumulation_steps))
+    steps = 1 if accumulation_steps is None else accumulation_steps
+    target = LayerTarget(norm, process_group, num_groups, steps)
     return apply_targets(
         model,
         lambda name, module: target,
         weight_standardization=_ws_norms(weight_standardization),
         check_sync=check_sync,
     )
-
-
-def _forced_steps(norm: str, accumulation_steps: int | None) -> int:
-    """The accumulation steps of a forced ``norm``, refused for norms other than sync_bn."""
-    if accumulation_steps is None:
-        return 1
-    if norm != "sync_bn" and accumulation_steps != 1:
-        raise ConversionError(
-            f"convert_model(norm={norm!r}, accumulation_steps={accumulation_steps!r}): only "
-            "sync_bn pools statistics over micro-batches; use norm='sync_bn', or leave "
-            "accumulation_steps out"
-        )
-    return accumulation_steps
 
 
 def plan_targets(
