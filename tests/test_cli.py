@@ -12,18 +12,14 @@ import pytest
 import torch
 
 from distnorm.__main__ import main
-from distnorm.comm import _LAUNCHERS
 from distnorm.examples import small_resnet
 from distnorm.policy import Plan
+from tests.conftest import LAUNCHER_VARIABLES
 
 EXAMPLE = "distnorm.examples:small_resnet"
-LAUNCHER_VARIABLES = [v for _, *variables in _LAUNCHERS for v in variables]
 
 
-@pytest.fixture(autouse=True)
-def no_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
+pytestmark = pytest.mark.usefixtures("no_launcher_environment")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> str:

@@ -1,8 +1,9 @@
 """What a steady training step of a synchronized layer dispatches, on 2 real gloo ranks:
-at most 40 kernel operations for SyncBatchNorm and BatchGroupNorm and 60 for
-BatchChannelNorm and for SyncBatchNorm accumulating over micro-batches (forward + backward, views and allocations not counted), with the
-mismatch check and the non-finite guard on, and no host read in any layer; the whole
-model reads the host once per step (distnorm.health's report), whatever its depth.
+at most 40 kernel operations for SyncBatchNorm and BatchGroupNorm, 60 for BatchChannelNorm
+and for SyncBatchNorm accumulating over micro-batches (forward + backward, views and
+allocations not counted), with the mismatch check and the non-finite guard on, and no host
+read in any layer; the whole model reads the host once per step (distnorm.health's
+report), whatever its depth.
 
 Counts are deterministic, so they are asserted here; benchmarks/dispatch.py publishes
 them beside nn.BatchNorm2d's. On CUDA each operation is a kernel launch and each host read

@@ -14,7 +14,6 @@ from torch import nn
 
 import distnorm
 from distnorm.__main__ import main
-from distnorm.comm import _LAUNCHERS
 from distnorm.examples import small_resnet
 from distnorm.policy import LayerPlan, Plan, PolicyError, load_policy
 from distnorm.policy.batch_config import accumulation_steps_from_config
@@ -23,13 +22,9 @@ from distnorm.policy.rules import make_plan
 
 DEFAULT = load_policy("default")
 EXAMPLE = "distnorm.examples:small_resnet"
-LAUNCHER_VARIABLES = [v for _, *variables in _LAUNCHERS for v in variables]
 
 
-@pytest.fixture(autouse=True)
-def no_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for variable in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
+pytestmark = pytest.mark.usefixtures("no_launcher_environment")
 
 
 def bn_fact(name: str = "layer1.0.bn1") -> NormFact:

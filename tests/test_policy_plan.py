@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from distnorm.comm import _LAUNCHERS
 from distnorm.policy import (
     LayerPlan,
     Plan,
@@ -23,13 +22,7 @@ from distnorm.policy import (
 )
 from distnorm.policy.facts import collect_facts, is_normalization
 
-
-@pytest.fixture(autouse=True)
-def no_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plans here must not depend on the machine the tests run on (SLURM, say)."""
-    for _, *variables in _LAUNCHERS:
-        for variable in variables:
-            monkeypatch.delenv(variable, raising=False)
+pytestmark = pytest.mark.usefixtures("no_launcher_environment")
 
 
 class SqueezeExcite(nn.Module):

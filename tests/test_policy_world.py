@@ -15,14 +15,11 @@ from distnorm.errors import DistNormError
 from distnorm.examples import small_resnet
 from tests.multiprocess import run_on_ranks
 
-LAUNCHER_VARIABLES = [v for _, *variables in comm._LAUNCHERS for v in variables]
-
 
 @pytest.fixture
-def environment(monkeypatch: pytest.MonkeyPatch):
+def environment(no_launcher_environment: pytest.MonkeyPatch):
     """Set launcher variables on a clean slate (none inherited from the test machine)."""
-    for variable in LAUNCHER_VARIABLES:
-        monkeypatch.delenv(variable, raising=False)
+    monkeypatch = no_launcher_environment
 
     def set_variables(**values: str) -> None:
         for variable, value in values.items():
