@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from distnorm import comm
-from distnorm.convert import WS_NORMS, LayerTarget, convert_layer, plan_targets
+from distnorm.convert import LayerTarget, convert_layer, pairs_with_ws, plan_targets
 from distnorm.errors import ConversionError
 from distnorm.logs import get_logger
 from distnorm.policy.planner import decide
@@ -99,7 +99,7 @@ def norm_layer(
             if (decision.norm, decision.sync_group_size) not in logged:
                 logged.add((decision.norm, decision.sync_group_size))
                 logger.info("distnorm.norm_layer: %s -> %s", name, decision.reason)
-        if target.norm in WS_NORMS and not warned:
+        if pairs_with_ws(target.norm, target.accumulation_steps) and not warned:
             warned = True
             logger.warning(
                 "distnorm.norm_layer built %s layers, which pair with Weight Standardization "

@@ -185,7 +185,8 @@ def convert_model(
 
     ``weight_standardization`` standardizes the convolutions feeding the converted layers:
     by default (None) those feeding ``"gn_ws"``, ``"bcn"`` and ``"bgn"`` layers (the
-    pairings of Qiao et al.; BGN underfits without it); ``True`` those feeding any layer
+    pairings of Qiao et al.; BGN underfits without it) and SyncBatchNorms that accumulate
+    (``accumulation_steps`` > 1; they too underfit without it); ``True`` those feeding any layer
     with batch or group statistics (also ``"bn"`` and ``"sync_bn"``; refused for a forced
     ``"frozen_bn"``, whose statistics were measured on the plain convolution's outputs);
     ``False`` none. ``check_sync``
@@ -234,7 +235,7 @@ def convert_model(
         return apply_targets(
             model,
             plan_targets(plan),
-            weight_standardization=_ws_norms(weight_standardization),
+            weight_standardization=_ws_rule(weight_standardization),
             check_sync=check_sync,
         )
 
@@ -256,7 +257,7 @@ def convert_model(
     return apply_targets(
         model,
         lambda name, module: target,
-        weight_standardization=_ws_norms(weight_standardization),
+        weight_standardization=_ws_rule(weight_standardization),
         check_sync=check_sync,
     )
 
@@ -294,12 +295,12 @@ def apply_targets(
     model: nn.Module,
     target_of: Callable[[str, _BatchNorm], LayerTarget],
     *,
-    weight_standardization: frozenset[str],
+    weight_standardization: Callable[[LayerTarget], bool],
     check_sync: bool | None = None,
 ) -> nn.Module:
     """Convert each BatchNorm of ``model`` to ``target_of(qualified_name, module)``, and
-    standardize the convolutions that feed a layer converted to one of the norms in
-    ``weight_standardization``; synchronized layers get ``check_sync``. The engine under
+    standardize the convolutions that feed a layer whose target ``weight_standardization``
+    accepts; synchronized layers get ``check_sync``. The engine under
     :func:`convert_model`."""
     if isinstance(model, DistributedDataParallel):
         raise ConversionError(
@@ -320,9 +321,9 @@ def apply_targets(
             stacklevel=3,
         )
     standardize: set[str] = set()
-    if any(t.norm in weight_standardization for t in targets.values()):
+    if any(map(weight_standardization, targets.values())):
         standardize = _feeding_convs(
-            model, (_BatchNorm,), lambda name: targets[name].norm in weight_standardization
+            model, (_BatchNorm,), lambda name: weight_standardization(targets[name])
         )
 
     def convert(name: str, module: nn.Module) -> nn.Module | None:
@@ -359,14 +360,15 @@ def _feeding_convs(
 
 def standardize_weights(model: nn.Module) -> nn.Module:
     """Give Weight Standardization to the convolutions of ``model`` that feed distnorm
-    layers of the norms it pairs with (``gn_ws``, ``bcn``, ``bgn``), as
+    layers it pairs with (:func:`pairs_with_ws`), as
     :func:`convert_model` does: for models built with :func:`distnorm.norm_layer`, whose
     norm factory never sees the convolutions. Returns the model (in place)."""
     layers = (SyncBatchNorm, FrozenBatchNorm, GroupNorm)
 
     def wanted(name: str) -> bool:
         layer = model.get_submodule(name)
-        return ("gn_ws" if isinstance(layer, GroupNorm) else _norm_of(layer)) in WS_NORMS
+        norm = "gn_ws" if isinstance(layer, GroupNorm) else _norm_of(layer)
+        return pairs_with_ws(norm, getattr(layer, "accumulation_steps", 1))
 
     standardize = _feeding_convs(model, layers, wanted)
     return _replace_modules(
@@ -376,18 +378,26 @@ def standardize_weights(model: nn.Module) -> nn.Module:
 
 # Normalizations whose feeding convolutions get Weight Standardization by default (Qiao et
 # al. pair WS with GroupNorm and Batch-Channel Norm; Batch Group Norm underfits without it,
-# benchmarks/results/accuracy.md), and those it can be asked for: every norm that learns
-# its statistics, not FrozenBN's measured ones.
+# and so does SyncBN pooling over micro-batches: benchmarks/results/accuracy.md), and those
+# it can be asked for: every norm that learns its statistics, not FrozenBN's measured ones.
 WS_NORMS = frozenset({"gn_ws", "bcn", "bgn"})
 _WS_CAPABLE_NORMS = WS_NORMS | {"bn", "sync_bn"}
 
 
-def _ws_norms(weight_standardization: bool | None) -> frozenset[str]:
-    """The norms whose feeding convolutions are standardized for ``weight_standardization``
-    (None: the default pairings)."""
+def pairs_with_ws(norm: str | None, accumulation_steps: int = 1) -> bool:
+    """Whether a layer of ``norm`` (pooling over ``accumulation_steps`` micro-batches)
+    gets Weight Standardization of its feeding convolutions by default."""
+    return norm in WS_NORMS or (norm == "sync_bn" and accumulation_steps > 1)
+
+
+def _ws_rule(weight_standardization: bool | None) -> Callable[[LayerTarget], bool]:
+    """Which targets get Weight Standardization for ``weight_standardization`` (None: the
+    default pairings)."""
     if weight_standardization is None:
-        return WS_NORMS
-    return _WS_CAPABLE_NORMS if weight_standardization else frozenset()
+        return lambda target: pairs_with_ws(target.norm, target.accumulation_steps)
+    if weight_standardization:
+        return lambda target: target.norm in _WS_CAPABLE_NORMS
+    return lambda target: False
 
 
 def _norm_of(module: nn.Module) -> str | None:

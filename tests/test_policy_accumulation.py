@@ -82,7 +82,7 @@ def test_accumulation_pools_over_the_smallest_group_reaching_the_target(
     assert layer.reason.startswith(
         f"{group} {rank_word} x {batch} x {steps} micro-batches = {group * batch * steps} >= 32"
     )
-    assert layer.reason.endswith("statistics pooled over the optimizer step")
+    assert layer.reason.endswith("statistics pooled over the optimizer step, + WS")
 
 
 def test_the_worker_alone_accumulates_in_a_world_of_one() -> None:
@@ -328,3 +328,23 @@ def test_the_cli_plans_with_accumulation(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(SystemExit):
         main(["plan", EXAMPLE, "--per-worker-batch", "2", "--accumulation-steps", "0"])
     assert "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_accumulating_sync_bn_pairs_with_weight_standardization() -> None:
+    """By default the convolutions feeding an accumulating SyncBatchNorm are standardized
+    (as BGN's are: the accuracy study's evidence), those of a plain one not; False and
+    standardize_weights() follow the same pairing."""
+
+    def standardized(model: torch.nn.Module) -> int:
+        return sum(isinstance(m, distnorm.WSConv2d) for m in model.modules())
+
+    assert standardized(distnorm.convert_model(small_resnet(), norm="sync_bn")) == 0
+    accumulating = distnorm.convert_model(small_resnet(), norm="sync_bn", accumulation_steps=4)
+    assert standardized(accumulating) == 6  # every convolution: each feeds a norm
+    planned = distnorm.convert_model(small_resnet(), per_worker_batch_size=2, accumulation_steps=16)
+    assert standardized(planned) == 6
+    plain = distnorm.convert_model(
+        small_resnet(), norm="sync_bn", accumulation_steps=4, weight_standardization=False
+    )
+    assert standardized(plain) == 0
+    assert standardized(distnorm.standardize_weights(plain)) == 6

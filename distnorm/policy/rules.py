@@ -22,9 +22,11 @@ Defaults, and where they come from:
   lets one: SyncBatchNorm over the smallest group g (the worker alone, g = 1, first) with
   g x batch x k >= target, pooling each statistic over its group's last k micro-batches**
   (``accumulation_steps=k`` on the layer; running statistics updated once per optimizer
-  step). The statistics then see as many samples as the optimizer step does, where each
-  micro-batch alone would give them ``batch`` (or ``g x batch``); no communication when
-  the worker alone suffices. Where the per-worker batch or a sync group reaches the
+  step), with Weight Standardization of the convolutions feeding it (without, it trails
+  in the accuracy study, ``benchmarks/results/accuracy.md``). The statistics
+  then see as many samples as the optimizer step does, where each micro-batch alone
+  would give them ``batch`` (or ``g x batch``); no communication when the worker alone
+  suffices. Where the per-worker batch or a sync group reaches the
   target, k changes nothing (a window would only make the statistics staler).
 * **No group reaches the target, but the largest allowed one reaches the floor (16
   samples): SyncBatchNorm over it** (local BatchNorm when no group is allowed). Wu & He's
@@ -276,7 +278,7 @@ def _best(fact: NormFact, context: _Context) -> LayerPlan:
             reason=(
                 f"{group} rank{'s' if group > 1 else ''} x {batch} x {steps} micro-batches = "
                 f"{samples} >= {target}{context.where(group) if group > 1 else ''}: "
-                "statistics pooled over the optimizer step"
+                "statistics pooled over the optimizer step, + WS"
             ),
         )
     why = context.shortfall()
