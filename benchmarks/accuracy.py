@@ -9,7 +9,8 @@ chooses for that batch; several seeds. The regret table compares the policy with
 fixed normalization at each batch, seed by seed. With gradient accumulation (issue: the
 statistics of a step's micro-batches), "SyncBN + accumulation" pools each layer's statistics
 over the world and the last k micro-batches, and "policy + accumulation" is what the policy
-chooses when told the job accumulates k micro-batches (``accumulation_steps``); k is
+chooses when told the job accumulates k micro-batches (``accumulation_steps``), both with
+the Weight Standardization they pair with by default, and without it ("no WS"); k is
 ``--accumulate-to`` images per worker over the per-worker batch, run at the per-worker
 batches of ``--accumulation-batches`` only.
 
@@ -54,7 +55,7 @@ import distnorm
 from benchmarks import common
 
 NAME = "accuracy"
-ACCUMULATING_NORMS = ["sync_bn_accum", "policy_accum"]
+ACCUMULATING_NORMS = ["sync_bn_accum", "policy_accum", "sync_bn_accum_no_ws", "policy_accum_no_ws"]
 NORMS = ["bn", "sync_bn", "gn_ws", "bcn", "bgn", "bgn_no_ws", "policy", *ACCUMULATING_NORMS]
 # What the default policy is compared with: the normalizations that see one micro-batch.
 FIXED_NORMS = [n for n in NORMS if n != "policy" and n not in ACCUMULATING_NORMS]
@@ -374,7 +375,7 @@ def run(args: Any) -> list[dict[str, Any]]:
         record = {**settings, **r, **cache.get({**settings, **trained_as(r)})}
         if r["norm"] == "policy":
             record["policy_choice"] = aliases[r["per_worker_batch"]] or "mixed"
-        elif r["norm"] == "policy_accum":
+        elif r["norm"] in ("policy_accum", "policy_accum_no_ws"):
             record["policy_choice"] = accumulated_plan(
                 r["per_worker_batch"], args.world_size, args.width, r["accumulation_steps"]
             )
@@ -456,9 +457,9 @@ def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any], re
         s = stats.get((norm, batch))
         if s is None:
             return "-"
-        policy = norm in ("policy", "policy_accum") and s["policy_choice"]
+        policy = norm.startswith("policy") and s["policy_choice"]
         choice = f" ({s['policy_choice']})" if policy else ""
-        if norm == "sync_bn_accum":
+        if norm.startswith("sync_bn_accum"):
             choice = f" (k{s['accumulation_steps']})"
         return f"{s['mean']:.1f} ± {s['std']:.1f}{choice}"
 
@@ -526,7 +527,7 @@ def figure(stats: dict[tuple[str, int], dict[str, Any]], world_size: int) -> Any
             yerr=[s for _, _, s in points],
             marker="o",
             capsize=3,
-            linestyle="--" if norm in ("policy", "policy_accum") else "-",
+            linestyle="--" if norm.startswith("policy") else ":" if "no_ws" in norm else "-",
             label=common.NORM_LABELS[norm],
         )
     reference = stats.get(("bn", 32))

@@ -56,8 +56,10 @@ NORM_LABELS = {
     "bgn": "BGN+WS",
     "bgn_no_ws": "BGN without WS",
     "policy": "policy default",
-    "sync_bn_accum": "distnorm SyncBN + accumulation",
+    "sync_bn_accum": "distnorm SyncBN + accumulation (+ WS)",
     "policy_accum": "policy + accumulation",
+    "sync_bn_accum_no_ws": "SyncBN + accumulation, no WS",
+    "policy_accum_no_ws": "policy + accumulation, no WS",
     "torch_sync_bn": "torch.nn.SyncBatchNorm",
 }
 
@@ -237,19 +239,26 @@ def normalize(
     is; "policy" lets :func:`distnorm.convert_model` plan for ``per_worker_batch``;
     "policy_accum" plans for it and ``accumulation_steps`` micro-batches per step;
     "sync_bn_accum" is SyncBN over the world pooling ``accumulation_steps`` micro-batches;
-    "bgn_no_ws" is BGN without the Weight Standardization it has by default;
+    "bgn_no_ws", "sync_bn_accum_no_ws" and "policy_accum_no_ws" are those without the
+    Weight Standardization they have by default;
     "sync_bn_group2" synchronizes groups of 2 consecutive ranks (created here, on every
     rank, as ``new_group`` requires); "torch_sync_bn" is torch's own (CUDA only)."""
     if norm == "bn":
         return model
-    if norm in ("policy", "policy_accum"):
+    ws = False if norm.endswith("_no_ws") else None
+    if norm in ("policy", "policy_accum", "policy_accum_no_ws"):
         if per_worker_batch is None:
             raise ValueError("the policy's choice needs the per-worker batch size")
         return distnorm.convert_model(
-            model, per_worker_batch_size=per_worker_batch, accumulation_steps=accumulation_steps
+            model,
+            per_worker_batch_size=per_worker_batch,
+            accumulation_steps=accumulation_steps,
+            weight_standardization=ws,
         )
-    if norm == "sync_bn_accum":
-        return distnorm.convert_model(model, norm="sync_bn", accumulation_steps=accumulation_steps)
+    if norm in ("sync_bn_accum", "sync_bn_accum_no_ws"):
+        return distnorm.convert_model(
+            model, norm="sync_bn", accumulation_steps=accumulation_steps, weight_standardization=ws
+        )
     if norm == "sync_bn_group2":
         return distnorm.convert_model(model, norm="sync_bn", process_group=consecutive_group(2))
     if norm == "torch_sync_bn":
