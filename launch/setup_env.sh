@@ -11,12 +11,13 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch==${TORCH_VERSION:-2.13.0}"
   "$PYTHON" -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
-# The package with its dev extras (Lightning among them, for distnorm.lightning's tests) and
-# the launchers the tests run for real: Accelerate, DeepSpeed, and mpi4py with the MPICH
-# wheel (which brings mpiexec and the MPI library). Lightning takes any torch >= 2.1, as
-# distnorm does, so pip keeps the torch above (a fresh venv holding torch 2.13.0 only:
-# `pip install --dry-run -e ".[dev,launchers]"` installs no torch).
-modules="distnorm, pytest, sklearn, tqdm, matplotlib, lightning, accelerate, deepspeed, mpi4py"
+# The package with its dev extras (ruff, which the test command runs before the tests;
+# Lightning, for distnorm.lightning's tests) and the launchers the tests run for real:
+# Accelerate, DeepSpeed, and mpi4py with the MPICH wheel (which brings mpiexec and the MPI
+# library). Lightning takes any torch >= 2.1, as distnorm does, so pip keeps the torch
+# above (a fresh venv holding torch 2.13.0 only: `pip install --dry-run -e
+# ".[dev,launchers]"` installs no torch).
+modules="distnorm, pytest, ruff, sklearn, tqdm, matplotlib, lightning, accelerate, deepspeed, mpi4py"
 if ! "$PYTHON" -c "import $modules" 2>/dev/null; then
   echo "[setup] installing distnorm (editable) with its dev and launchers extras"
   "$PYTHON" -m pip install --quiet -e "$repo[dev,launchers]"
