@@ -6,7 +6,8 @@ Every benchmark writes three files named after it into its results folder
 
 * ``<name>.json``: the machine and versions, the command and configuration, every raw
   measurement and the numbers derived from them, so that a table can be recomputed;
-* ``<name>.md``: the tables the README quotes, headed by the date, machine and command;
+* ``<name>.md``: the tables, headed by the date, machine and command, that
+  ``docs/benchmarks.md`` is built from (:mod:`benchmarks.docs`);
 * ``<name>.png``: the figure.
 
 One timing discipline everywhere: warm-up calls are not timed; each timed call is measured
@@ -447,7 +448,8 @@ def write_results(
 ) -> dict[str, Path]:
     """Write ``<name>.json``, ``<name>.md`` and ``<name>.png`` into ``args.out`` (with the
     options and the command line ``argv`` of ``benchmarks.<module>``, ``name`` by default,
-    that produced them); return their paths."""
+    that produced them); return their paths. Results written to ``benchmarks/results``
+    rebuild ``docs/benchmarks.md`` from its tables (:mod:`benchmarks.docs`)."""
     info = machine()
     out: Path = args.out
     command = command_line(f"benchmarks.{module or name}", argv)
@@ -473,4 +475,8 @@ def write_results(
     )
     figure.savefig(paths["png"], dpi=110, bbox_inches="tight")
     pyplot().close(figure)
+    if out.resolve() == RESULTS_DIR:
+        from benchmarks import docs  # here, not at the top: it imports this module
+
+        docs.write()
     return paths

@@ -7,12 +7,22 @@ checked because they are facts, not timings.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import accuracy, common, communication, dispatch, gpu, layer_overhead, scaling
+from benchmarks import (
+    accuracy,
+    common,
+    communication,
+    dispatch,
+    docs,
+    gpu,
+    layer_overhead,
+    scaling,
+)
 from distnorm.examples import small_resnet
 from tests.multiprocess import recorded_collectives, run_on_ranks
 
@@ -154,6 +164,34 @@ def test_accuracy(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "spawn", lambda *a, **k: pytest.fail("trained again"))
     again = accuracy.main(["--tiny", "--out", str(tmp_path)])
     assert [r["accuracy"] for r in again["records"]] == [r["accuracy"] for r in records]
+
+
+def test_benchmarks_page_holds_every_results_table():
+    """docs/benchmarks.md holds every table of every benchmarks/results/*.md as it is now:
+    each has its marker in the template, and the page was rebuilt since the results last
+    changed (``python -m benchmarks.docs``)."""
+    page = docs.build()
+    for path in sorted(common.RESULTS_DIR.glob("*.md")):
+        tables = re.findall(r"(?:^\|.*\n)+", path.read_text(), re.MULTILINE)
+        assert tables, f"{path} holds no table"
+        for table in tables:
+            assert table in page, f"a table of {path.name} is not in the page"
+    assert docs.PAGE.read_text() == page, "docs/benchmarks.md is stale: python -m benchmarks.docs"
+
+
+def test_benchmarks_page_links_from_docs_and_refuses_a_results_file_without_marker(tmp_path):
+    results, folder = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    folder.mkdir()
+    (results / "a.md").write_text("### A\n\n| x |\n|:---|\n| 1 |\n\n![A](a.png)\n")
+    template = folder / "template.md"
+    template.write_text("# T\n\n<!-- results:a -->\n\n<!-- results:b -->\n")
+    page = docs.build(template, results, folder / "page.md")
+    assert "| x |\n|:---|\n| 1 |" in page and "![A](../results/a.png)" in page
+    assert "Not measured yet" in page  # b has a marker but no results file yet
+    (results / "c.md").write_text("### C\n")
+    with pytest.raises(ValueError, match="c.md"):
+        docs.build(template, results, folder / "page.md")
 
 
 def test_markdown_table():
