@@ -51,26 +51,16 @@ from distnorm.errors import ConversionError, layer_label
 from distnorm.graph import conv_norm_links
 from distnorm.layers.batch_channel_norm import BatchChannelNorm
 from distnorm.layers.batch_group_norm import BatchGroupNorm
-from distnorm.layers.frozen_batchnorm import (
-    FrozenBatchNorm,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-)
+from distnorm.layers.frozen_batchnorm import FrozenBatchNorm
 from distnorm.layers.group_norm import GroupNorm, check_num_groups, choose_num_groups
 from distnorm.layers.inputs import input_dims_of
 from distnorm.layers.norm_act import TORCH_BATCHNORMS, NormAct, post_modules_of
 from distnorm.layers.std_conv import WSConv1d, WSConv2d, WSConv3d
-from distnorm.layers.sync_batchnorm import (
-    SyncBatchNorm,
-    SyncBatchNorm1d,
-    SyncBatchNorm2d,
-    SyncBatchNorm3d,
-)
+from distnorm.layers.sync_batchnorm import SyncBatchNorm
 from distnorm.logs import get_logger
+from distnorm.norms import NORMS, norm_of, pairs_with_ws
 from distnorm.policy import Plan
 from distnorm.policy import plan as make_plan
-from distnorm.policy.plans import NORMS as PLAN_NORMS
 from distnorm.table import format_table
 
 logger = get_logger(__name__)
@@ -80,25 +70,10 @@ logger = get_logger(__name__)
 UNCONVERTED_NORMS = (nn.LayerNorm, nn.GroupNorm, _InstanceNorm, nn.LocalResponseNorm, nn.RMSNorm)
 
 # The normalizations convert_model(norm=...) can put in every BatchNorm's place.
-FORCEABLE_NORMS = tuple(norm for norm in PLAN_NORMS if norm != "keep")
+FORCEABLE_NORMS = tuple(name for name, norm in NORMS.items() if norm.forceable)
 
-# distnorm's BatchNorm-shaped layers by norm name; the most derived classes first, since
-# BatchGroupNorm and BatchChannelNorm are SyncBatchNorms too.
-_LAYER_OF_NORM = {
-    "bgn": BatchGroupNorm,
-    "bcn": BatchChannelNorm,
-    "frozen_bn": FrozenBatchNorm,
-    "sync_bn": SyncBatchNorm,
-}
-
-# The BatchNorm-shaped layers (per-channel statistics and affine) as subclasses of torch's
-# BatchNorm1d/2d/3d, so that tools finding BatchNorms by type find the converted layers.
-_LAYER_OF_DIMENSION = {
-    SyncBatchNorm: {nn.BatchNorm1d: SyncBatchNorm1d, nn.BatchNorm2d: SyncBatchNorm2d,
-                    nn.BatchNorm3d: SyncBatchNorm3d},
-    FrozenBatchNorm: {nn.BatchNorm1d: FrozenBatchNorm1d, nn.BatchNorm2d: FrozenBatchNorm2d,
-                      nn.BatchNorm3d: FrozenBatchNorm3d},
-}  # fmt: skip
+# The layers that have subclasses of torch's BatchNorm1d/2d/3d, with those subclasses.
+_LAYER_OF_DIMENSION = {n.layer: n.by_dimension for n in NORMS.values() if n.by_dimension}
 
 # Weight-standardized convolutions by the torch convolution they replace.
 _WS_CONV_OF = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
@@ -140,7 +115,7 @@ class LayerTarget:
                 f"accumulation_steps must be a positive integer (micro-batches per optimizer "
                 f"step), got {steps!r}"
             )
-        if steps > 1 and self.norm != "sync_bn":
+        if steps > 1 and not NORMS[self.norm].accumulates:
             raise ConversionError(
                 f"accumulation_steps={steps} with norm={self.norm!r}: only sync_bn pools "
                 "statistics over micro-batches; use norm='sync_bn', or leave "
@@ -245,7 +220,7 @@ def convert_model(
             f"convert_model(norm={norm!r}): unknown normalization; choose one of "
             f"{', '.join(FORCEABLE_NORMS)}"
         )
-    if weight_standardization and norm not in _WS_CAPABLE_NORMS:
+    if weight_standardization and not NORMS[norm].ws_allowed:
         raise ConversionError(
             f"convert_model(norm={norm!r}, weight_standardization=True): a frozen "
             "BatchNorm's statistics were measured on the plain convolutions' outputs, which "
@@ -363,12 +338,11 @@ def standardize_weights(model: nn.Module) -> nn.Module:
     layers it pairs with (:func:`pairs_with_ws`), as
     :func:`convert_model` does: for models built with :func:`distnorm.norm_layer`, whose
     norm factory never sees the convolutions. Returns the model (in place)."""
-    layers = (SyncBatchNorm, FrozenBatchNorm, GroupNorm)
+    layers = tuple(norm.layer for norm in NORMS.values() if norm.layer is not None)
 
     def wanted(name: str) -> bool:
         layer = model.get_submodule(name)
-        norm = "gn_ws" if isinstance(layer, GroupNorm) else _norm_of(layer)
-        return pairs_with_ws(norm, getattr(layer, "accumulation_steps", 1))
+        return pairs_with_ws(norm_of(layer), getattr(layer, "accumulation_steps", 1))
 
     standardize = _feeding_convs(model, layers, wanted)
     return _replace_modules(
@@ -376,18 +350,8 @@ def standardize_weights(model: nn.Module) -> nn.Module:
     )
 
 
-# Normalizations whose feeding convolutions get Weight Standardization by default (Qiao et
-# al. pair WS with GroupNorm and Batch-Channel Norm; Batch Group Norm underfits without it,
-# and so does SyncBN pooling over micro-batches: benchmarks/results/accuracy.md), and those
-# it can be asked for: every norm that learns its statistics, not FrozenBN's measured ones.
-WS_NORMS = frozenset({"gn_ws", "bcn", "bgn"})
-_WS_CAPABLE_NORMS = WS_NORMS | {"bn", "sync_bn"}
-
-
-def pairs_with_ws(norm: str | None, accumulation_steps: int = 1) -> bool:
-    """Whether a layer of ``norm`` (pooling over ``accumulation_steps`` micro-batches)
-    gets Weight Standardization of its feeding convolutions by default."""
-    return norm in WS_NORMS or (norm == "sync_bn" and accumulation_steps > 1)
+# Normalizations whose feeding convolutions get Weight Standardization by default.
+WS_NORMS = frozenset(name for name, norm in NORMS.items() if norm.ws_default)
 
 
 def _ws_rule(weight_standardization: bool | None) -> Callable[[LayerTarget], bool]:
@@ -396,16 +360,8 @@ def _ws_rule(weight_standardization: bool | None) -> Callable[[LayerTarget], boo
     if weight_standardization is None:
         return lambda target: pairs_with_ws(target.norm, target.accumulation_steps)
     if weight_standardization:
-        return lambda target: target.norm in _WS_CAPABLE_NORMS
+        return lambda target: NORMS[target.norm].ws_allowed
     return lambda target: False
-
-
-def _norm_of(module: nn.Module) -> str | None:
-    """The ``norm=`` name of a distnorm layer; None for anything else."""
-    for norm, layer in _LAYER_OF_NORM.items():
-        if isinstance(module, layer):
-            return norm
-    return None
 
 
 def convert_layer(
@@ -414,7 +370,7 @@ def convert_layer(
     """``module`` (named ``name``) as ``target`` asks, or None where it stays as it is."""
     if target.norm == "keep":
         return None
-    current = _norm_of(module)
+    current = norm_of(module)
     if current is not None:  # converted before: the same norm again is a no-op
         steps = getattr(module, "accumulation_steps", 1)
         if current == target.norm and steps != target.accumulation_steps:
@@ -438,7 +394,8 @@ def convert_layer(
         )
     post = post_modules_of(module)  # a norm-act layer's dropout and activation
     own_forward = type(module) not in TORCH_BATCHNORMS and post is None
-    if own_forward and target.norm != "sync_bn":
+    norm = NORMS[target.norm]
+    if own_forward and not norm.keeps_own_forward:
         raise ConversionError(
             f"{_where(name, module)} is a BatchNorm subclass with behaviour of its own; only "
             f"'sync_bn' keeps it (by calling its forward), {target.norm!r} would drop it. "
@@ -449,24 +406,18 @@ def convert_layer(
     if target.norm == "gn_ws":
         converted = _group_norm(name, module, target.num_groups, post or ())
     elif target.norm == "frozen_bn":
-        converted = _reclass(module, _layer_class(FrozenBatchNorm, type(module), post or ()))
+        converted = _reclass(module, _layer_class(norm.layer, type(module), post or ()))
         converted._freeze()
     else:  # the synchronized layers
         if own_forward:
             converted = _reclass(module, _synchronized(type(module)))
         else:
-            layer = _LAYER_OF_NORM[target.norm]
-            converted = _reclass(module, _layer_class(layer, type(module), post or ()))
+            converted = _reclass(module, _layer_class(norm.layer, type(module), post or ()))
         group = target.process_group
         if group is None:  # torch's SyncBatchNorm brings a group of its own
             group = getattr(module, "process_group", None)
         converted._distnorm_name = name  # first: its name identifies it in the sync check
-        if target.norm == "sync_bn":
-            converted._init_sync_state(
-                group, check_sync, accumulation_steps=target.accumulation_steps
-            )
-        else:
-            converted._init_sync_state(group, check_sync)
+        converted._init_sync_state(group, check_sync, accumulation_steps=target.accumulation_steps)
         if target.norm == "bgn":
             converted._init_group_state(_num_groups(name, module, target.num_groups))
         elif target.norm == "bcn":
@@ -527,7 +478,7 @@ def _group_norm(
     a norm-act's ``post`` submodules)."""
     groups = _num_groups(name, module, num_groups)
     reference = module.weight if module.weight is not None else module.running_mean
-    layer = _layer_class(GroupNorm, type(module), post)(
+    layer = _layer_class(NORMS["gn_ws"].layer, type(module), post)(
         groups, module.num_features, eps=module.eps, affine=False,
         device=None if reference is None else reference.device,
     )  # fmt: skip
@@ -571,7 +522,7 @@ def revert_model(model: nn.Module) -> nn.Module:
             for attribute in ("_distnorm_origin", "_distnorm_name", "input_dims"):
                 group_norm.__dict__.pop(attribute, None)
             return _followed_by(group_norm, module, post)
-        if _norm_of(module) is None:
+        if norm_of(module) is None:
             return None
         origin = origin or nn.BatchNorm2d
         if isinstance(module, BatchChannelNorm):
@@ -671,7 +622,7 @@ def conversion_report(model: nn.Module) -> ConversionReport:
     for name, module in model.named_modules():
         name = name or "(root)"
         origin = getattr(module, "_distnorm_origin", None)
-        if origin is not None or _norm_of(module) is not None:
+        if origin is not None or (isinstance(module, _BatchNorm) and norm_of(module)):
             synchronized = isinstance(module, SyncBatchNorm)
             rows.append(
                 ConversionRow(
