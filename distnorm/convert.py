@@ -79,20 +79,9 @@ _LAYER_OF_DIMENSION = {n.layer: n.by_dimension for n in NORMS.values() if n.by_d
 _WS_CONV_OF = {nn.Conv1d: WSConv1d, nn.Conv2d: WSConv2d, nn.Conv3d: WSConv3d}
 _CONV_OF_WS = {ws: conv for conv, ws in _WS_CONV_OF.items()}
 
-# What a converted layer holds besides its original's state; dropped again on revert.
-_DISTNORM_ATTRIBUTES = (
-    "process_group",
-    "_sync",
-    "_distnorm_origin",
-    "_distnorm_name",
-    "_reached_sync",
-    "num_groups",
-    "check_sync",
-    "nonfinite",
-    "_sync_layer_id",
-    "input_dims",
-    "accumulation_steps",
-)
+# What convert_model sets on every module it converts; revert_model drops it again, with
+# what the layer itself holds (its class's ``_distnorm_attributes``).
+_CONVERSION_ATTRIBUTES = ("_distnorm_origin", "_distnorm_name", "input_dims")
 
 
 @dataclass(frozen=True)
@@ -518,34 +507,35 @@ def revert_model(model: nn.Module) -> nn.Module:
             return _plain_conv(module, origin or _CONV_OF_WS[type(module)])
         post = getattr(module, "post_modules", ())  # a norm-act layer's dropout, activation
         if isinstance(module, GroupNorm):  # a GroupNorm it stays
-            group_norm = _reclass(module, nn.GroupNorm)
-            for attribute in ("_distnorm_origin", "_distnorm_name", "input_dims"):
-                group_norm.__dict__.pop(attribute, None)
-            return _followed_by(group_norm, module, post)
+            return _followed_by(_reverted(module, nn.GroupNorm), module, post)
         if norm_of(module) is None:
             return None
         origin = origin or nn.BatchNorm2d
         if isinstance(module, BatchChannelNorm):
             torch_class = next(c for c in origin.__mro__ if c in TORCH_BATCHNORMS)
             return _followed_by(module.to_torch(torch_class), module, post)
-        reverted = _reclass(module, origin)
+        # torch's SyncBatchNorm holds a process group of its own
+        keep = ("process_group",) if issubclass(origin, nn.SyncBatchNorm) else ()
+        reverted = _reverted(module, origin, keep)
         if isinstance(module, BatchGroupNorm) and module.channel_running_stats() is not None:
             reverted.running_mean, reverted.running_var = module.channel_running_stats()
         if isinstance(module, FrozenBatchNorm):
             for parameter in (reverted.weight, reverted.bias):
                 if parameter is not None:
                     parameter.requires_grad_(True)
-        _drop_distnorm_attributes(reverted, issubclass(origin, nn.SyncBatchNorm))
         return reverted
 
     return _replace_modules(model, to_torch)
 
 
-def _drop_distnorm_attributes(module: nn.Module, keep_process_group: bool) -> None:
-    for attribute in _DISTNORM_ATTRIBUTES:
-        if attribute == "process_group" and keep_process_group:
-            continue  # torch's SyncBatchNorm holds a process group of its own
-        module.__dict__.pop(attribute, None)
+def _reverted(module: nn.Module, cls: type[nn.Module], keep: tuple[str, ...] = ()) -> nn.Module:
+    """``module`` re-classed as ``cls``, without what conversion and the distnorm layer
+    (its ``_distnorm_attributes``) added to it, except ``keep``."""
+    reverted = _reclass(module, cls)
+    for attribute in (*_CONVERSION_ATTRIBUTES, *getattr(module, "_distnorm_attributes", ())):
+        if attribute not in keep:
+            reverted.__dict__.pop(attribute, None)
+    return reverted
 
 
 def _followed_by(norm: nn.Module, layer: nn.Module, post: tuple[str, ...]) -> nn.Module:
@@ -560,10 +550,8 @@ def _followed_by(norm: nn.Module, layer: nn.Module, post: tuple[str, ...]) -> nn
 
 def _plain_conv(conv: nn.Module, origin: type[nn.Module]) -> nn.Module:
     """A plain convolution computing what the weight-standardized ``conv`` computes."""
-    plain = _reclass(conv, origin)
+    plain = _reverted(conv, origin)
     plain.weight = nn.Parameter(conv.standardized_weight().detach().clone())
-    for attribute in ("eps", "variant", "_distnorm_origin", "_distnorm_name"):
-        plain.__dict__.pop(attribute, None)
     return plain
 
 
@@ -684,6 +672,8 @@ def _reclass(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
 class _SyncForwardProbe(SyncBatchNorm):
     """Sits between a BatchNorm subclass and SyncBatchNorm in a synchronized subclass's
     method resolution order and records that the subclass's forward reached it."""
+
+    _distnorm_attributes = (*SyncBatchNorm._distnorm_attributes, "_reached_sync")
 
     def forward(self, input: Tensor) -> Tensor:
         self._reached_sync = True
