@@ -18,21 +18,7 @@ from types import MappingProxyType
 
 from torch import nn
 
-from distnorm.layers.batch_channel_norm import BatchChannelNorm
-from distnorm.layers.batch_group_norm import BatchGroupNorm
-from distnorm.layers.frozen_batchnorm import (
-    FrozenBatchNorm,
-    FrozenBatchNorm1d,
-    FrozenBatchNorm2d,
-    FrozenBatchNorm3d,
-)
-from distnorm.layers.group_norm import GroupNorm
-from distnorm.layers.sync_batchnorm import (
-    SyncBatchNorm,
-    SyncBatchNorm1d,
-    SyncBatchNorm2d,
-    SyncBatchNorm3d,
-)
+from distnorm import layers
 
 
 @dataclass(frozen=True)
@@ -61,8 +47,10 @@ class Norm:
     keeps_own_forward: bool = False
 
 
-def _by_dimension(*layers: type[nn.Module]) -> Mapping[type[nn.Module], type[nn.Module]]:
-    return dict(zip((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), layers, strict=True))
+def _by_dimension(prefix: str) -> Mapping[type[nn.Module], type[nn.Module]]:
+    """``layers.<prefix>1d/2d/3d`` by the torch BatchNorm each subclasses."""
+    torch_classes = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    return {base: getattr(layers, f"{prefix}{base.__name__[-2:]}") for base in torch_classes}
 
 
 # In the order error messages and documentation list them. "keep" is a plan's decision
@@ -75,22 +63,34 @@ NORMS: Mapping[str, Norm] = MappingProxyType(
             Norm(
                 "sync_bn",
                 "SyncBN",
-                SyncBatchNorm,
-                _by_dimension(SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d),
+                layers.SyncBatchNorm,
+                _by_dimension("SyncBatchNorm"),
                 synchronizes=True,
                 accumulates=True,
                 keeps_own_forward=True,
             ),
-            Norm("gn_ws", "GN+WS", GroupNorm, grouped=True, ws_default=True),
+            Norm("gn_ws", "GN+WS", layers.GroupNorm, grouped=True, ws_default=True),
             Norm(
-                "bcn", "BCN+WS", BatchChannelNorm, synchronizes=True, grouped=True, ws_default=True
+                "bcn",
+                "BCN+WS",
+                layers.BatchChannelNorm,
+                synchronizes=True,
+                grouped=True,
+                ws_default=True,
             ),
-            Norm("bgn", "BGN+WS", BatchGroupNorm, synchronizes=True, grouped=True, ws_default=True),
+            Norm(
+                "bgn",
+                "BGN+WS",
+                layers.BatchGroupNorm,
+                synchronizes=True,
+                grouped=True,
+                ws_default=True,
+            ),
             Norm(
                 "frozen_bn",
                 "FrozenBN",
-                FrozenBatchNorm,
-                _by_dimension(FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d),
+                layers.FrozenBatchNorm,
+                _by_dimension("FrozenBatchNorm"),
                 ws_allowed=False,
             ),
             Norm("keep", "keep", ws_allowed=False, forceable=False, keeps_own_forward=True),
