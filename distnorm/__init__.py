@@ -7,6 +7,7 @@ model = distnorm.convert_model(model)                        # or SyncBatchNorm 
 print(distnorm.conversion_report(model))  # what was replaced, where
 model = distnorm.revert_model(model)      # plain torch modules again, for export
 distnorm.report()                         # raise/warn now for what the layers' checks found
+distnorm.NORMS["bgn"]                     # what each norm= name is (layer, sync, groups, WS)
 """
 
 from distnorm.builders import norm_layer
@@ -42,6 +43,7 @@ from distnorm.layers import (
     WSConv3d,
     register_norm_act,
 )
+from distnorm.norms import NORMS, Norm
 from distnorm.policy import (
     LayerPlan,
     Plan,
@@ -66,6 +68,8 @@ __all__ = [
     "FrozenBatchNorm3d",
     "InputError",
     "LayerPlan",
+    "NORMS",
+    "Norm",
     "Plan",
     "Policy",
     "PolicyError",

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from distnorm import comm
-from distnorm.convert import LayerTarget, convert_layer, pairs_with_ws, plan_targets
+from distnorm.convert import LayerTarget, convert_layer, plan_targets
 from distnorm.errors import ConversionError
 from distnorm.logs import get_logger
+from distnorm.norms import pairs_with_ws
 from distnorm.policy.planner import decide
 
 logger = get_logger(__name__)

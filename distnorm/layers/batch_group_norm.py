@@ -27,7 +27,7 @@ vectors (``benchmarks/dispatch.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,11 @@ class BatchGroupNorm(SyncBatchNorm):
     (see the module docstring). ``num_groups = num_features`` is SyncBatchNorm. Parameters
     and ``state_dict`` keys are BatchNorm's; the running statistics hold one value per group.
     """
+
+    _distnorm_attributes: ClassVar[tuple[str, ...]] = (
+        *SyncBatchNorm._distnorm_attributes,
+        "num_groups",
+    )
 
     def __init__(
         self,

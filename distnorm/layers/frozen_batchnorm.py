@@ -25,7 +25,7 @@ What it costs: one fused multiply-add per element; no statistics, no communicati
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,7 @@ class FrozenBatchNorm(_BatchNorm):
     """
 
     input_dims: tuple[int, ...] | None = None  # as SyncBatchNorm's
+    _distnorm_attributes: ClassVar[tuple[str, ...]] = ()  # its state is a BatchNorm's
 
     def __init__(
         self,

@@ -52,7 +52,7 @@ elementwise pass; nothing over the activations. For export, a plain convolution 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,8 @@ class _WeightStandardization:
     # Class-level defaults, so that a module re-classed without __init__ still works.
     eps: float = DEFAULT_EPS["paper"]
     variant: Variant = "paper"
+    # What this adds to a torch convolution's state, dropped by distnorm.revert_model.
+    _distnorm_attributes: ClassVar[tuple[str, ...]] = ("eps", "variant")
 
     # Provided by nn.ConvNd.
     weight: Tensor

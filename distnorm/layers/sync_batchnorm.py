@@ -37,7 +37,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -363,6 +363,17 @@ class SyncBatchNorm(_BatchNorm):
     # The input ranks accepted (None: any from 2); the 1d/2d/3d classes and layers
     # converted from torch's BatchNorm1d/2d/3d accept those classes' ranks only.
     input_dims: tuple[int, ...] | None = None
+
+    # The attributes this layer holds besides a torch BatchNorm's: what
+    # distnorm.revert_model drops to give a plain BatchNorm back (subclasses add theirs).
+    _distnorm_attributes: ClassVar[tuple[str, ...]] = (
+        "process_group",
+        "_sync",
+        "_sync_layer_id",
+        "check_sync",
+        "nonfinite",
+        "accumulation_steps",
+    )
 
     def __init__(
         self,

@@ -25,9 +25,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from distnorm.errors import PolicyError
-from distnorm.layers.frozen_batchnorm import FrozenBatchNorm
 from distnorm.layers.norm_act import TORCH_BATCHNORMS, post_modules_of
-from distnorm.layers.sync_batchnorm import SyncBatchNorm
+from distnorm.norms import norm_of
 
 # Normalization layers torch defines; anything else counts when its class name says
 # "Norm" and it has no submodules (a leaf), so that e.g. timm's NormMlpClassifierHead, a
@@ -94,7 +93,7 @@ def has_own_forward(module: nn.Module) -> bool:
     return (
         isinstance(module, _BatchNorm)
         and type(module) not in TORCH_BATCHNORMS
-        and not isinstance(module, (SyncBatchNorm, FrozenBatchNorm))
+        and norm_of(module) is None  # distnorm's layers: their forward is known
         and post_modules_of(module) is None
     )
 

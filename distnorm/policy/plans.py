@@ -13,16 +13,14 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from distnorm.errors import PolicyError
+from distnorm.norms import NORMS as REGISTRY
 from distnorm.table import format_table
 
-# What a layer can become. "bn": local BatchNorm (no communication); "sync_bn": BatchNorm
-# over a group of ranks; "gn_ws": GroupNorm + Weight Standardization on the preceding
-# convolution; "bcn": Batch-Channel Normalization (+ WS); "bgn": Batch Group
-# Normalization (+ WS); "frozen_bn": BatchNorm with frozen pretrained statistics and affine;
-# "keep": the module is left exactly as it is.
-NORMS = ("bn", "sync_bn", "gn_ws", "bcn", "bgn", "frozen_bn", "keep")
-GROUPED_NORMS = ("gn_ws", "bcn", "bgn")  # take a number of channel groups
-SYNCABLE_NORMS = ("sync_bn", "bcn", "bgn")  # may share statistics over a group of ranks
+# What a layer can become, by name (distnorm.norms.NORMS has each one's properties; "keep":
+# the module is left exactly as it is).
+NORMS = tuple(REGISTRY)
+GROUPED_NORMS = tuple(name for name, norm in REGISTRY.items() if norm.grouped)
+SYNCABLE_NORMS = tuple(name for name, norm in REGISTRY.items() if norm.synchronizes)
 
 FORMAT_VERSION = 1
 
@@ -73,7 +71,7 @@ class LayerPlan:
             raise PolicyError(
                 f"{where}: accumulation_steps must be a positive integer, got {steps!r}"
             )
-        if steps > 1 and self.norm != "sync_bn":
+        if steps > 1 and not REGISTRY[self.norm].accumulates:
             raise PolicyError(
                 f"{where}: accumulation_steps {steps} with norm {self.norm!r}; only sync_bn "
                 "pools statistics over micro-batches (use sync_bn, or accumulation_steps 1)"

@@ -71,16 +71,16 @@ from dataclasses import dataclass
 
 from distnorm.errors import InputError, PolicyError
 from distnorm.layers.group_norm import choose_num_groups
+from distnorm.norms import NORMS
 from distnorm.policy.config import Override, Policy
 from distnorm.policy.facts import NormFact
 from distnorm.policy.plans import GROUPED_NORMS, SYNCABLE_NORMS, LayerPlan, Plan
 
-_FALLBACK_NAMES = {"gn_ws": "GN+WS", "bcn": "BCN+WS", "bgn": "BGN+WS"}
-# What a BatchNorm subclass with a forward of its own can become (NormFact.own_forward).
-_OWN_FORWARD_NORMS = ("bn", "sync_bn", "keep")
-# distnorm's own BatchNorm subclasses that are a decision already made: planning a
+# distnorm's grouped layers carry their grouping, a decision already made: planning a
 # converted model again leaves them alone (SyncBatchNorm is planned like any BatchNorm).
-_DISTNORM_NORMS = ("BatchChannelNorm", "BatchGroupNorm")
+_DISTNORM_NORMS = tuple(
+    norm.layer.__name__ for norm in NORMS.values() if norm.grouped and norm.layer is not None
+)
 
 
 def sync_group_candidates(
@@ -232,7 +232,7 @@ class _Context:
 
 def _decide(fact: NormFact, context: _Context) -> LayerPlan:
     decision = _best(fact, context)
-    if fact.own_forward and decision.norm not in _OWN_FORWARD_NORMS:
+    if fact.own_forward and not NORMS[decision.norm].keeps_own_forward:
         # Only SyncBN keeps a forward distnorm cannot replace (by calling it).
         return _largest_group(fact, context, f"{decision.reason}; own forward")
     return decision
@@ -332,7 +332,7 @@ def _scratch(fact: NormFact, context: _Context, why: str, role: str) -> LayerPla
         sync_group_size=group,
         num_groups=groups,
         values=_grouped_values(fact, fallback, groups, context.batch, group),
-        reason=f"{why}; {role}: {_FALLBACK_NAMES[fallback]}",
+        reason=f"{why}; {role}: {NORMS[fallback].label}",
     )
 
 
@@ -356,7 +356,7 @@ def _forced(fact: NormFact, context: _Context, key: str, override: Override) -> 
     where = f"{key} for {_label(fact)}"
     if norm == "keep":
         return _layer(fact, "keep", reason=reason)
-    if fact.own_forward and norm not in _OWN_FORWARD_NORMS:
+    if fact.own_forward and not NORMS[norm].keeps_own_forward:
         raise PolicyError(
             f"{where}: {fact.type_name} computes BatchNorm in a forward of its own, which "
             f"{norm} would drop; only sync_bn and bn keep it. If it is BatchNorm followed "
