@@ -7,44 +7,21 @@ One call, before the model is converted, joins the ranks of a data-parallel job:
     ...
     ctx.close()
 
-Where the ranks come from, in this order:
+Where the ranks come from, in this order: a process group that already exists (Accelerate
+or DeepSpeed made it: described, not replaced); torchrun-style variables (``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ...: torchrun, ``accelerate launch``, ``deepspeed``) with
+``env://`` rendezvous; MPI (``mpi4py``'s ``COMM_WORLD``, rank 0 broadcasting a TCP store's
+address, so no port to agree on); SLURM tasks of ``srun`` with ``MASTER_ADDR``/``PORT``
+exported; otherwise a single process (a one-rank group on request). The numbers come from
+:func:`distnorm.comm.world_layout`, the one reader of launcher variables; the
+torchrun-style variables are then set for libraries that read them later.
 
-* **a process group that already exists** (``Accelerator()`` or ``deepspeed.init_distributed``
-  ran first): it is described, not replaced;
-* **torchrun-style variables** (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
-  ``LOCAL_RANK``), which ``torchrun``, ``accelerate launch`` and the ``deepspeed``
-  launcher all set: ``env://`` rendezvous;
-* **MPI** (``mpirun`` / ``mpiexec``; Open MPI's or MPICH's variables): rank and world come
-  from ``mpi4py.MPI.COMM_WORLD`` and rank 0 opens a TCP store whose address it broadcasts
-  over MPI, so no ``MASTER_ADDR``/``MASTER_PORT`` is needed and no port can collide;
-  without mpi4py, the MPI variables and an exported ``MASTER_ADDR``/``MASTER_PORT`` do;
-* **SLURM** tasks started by ``srun`` directly (``SLURM_PROCID``, ``SLURM_NTASKS``), with
-  ``MASTER_ADDR``/``MASTER_PORT`` exported by the batch script;
-* otherwise a single process, with no process group (or a one-rank group on request, for
-  libraries such as DeepSpeed that insist on one).
-
-The numbers (world size, rank, ranks per node) are read by
-:func:`distnorm.comm.world_layout`, the one reader of launcher variables (under MPI,
-``COMM_WORLD`` itself answers); this module picks the rendezvous. The torchrun-style
-variables are then set for the libraries that read them later (Accelerate, DeepSpeed), as
-DeepSpeed's own MPI discovery does.
-
-The backend is NCCL when CUDA is available (each rank on GPU ``LOCAL_RANK``), gloo
-otherwise. Every collective has a deadline, :data:`DEFAULT_TIMEOUT` (10 minutes) unless
-the caller or ``DISTNORM_TIMEOUT_S`` says otherwise. Why 10 minutes: a rank that died or
-hangs leaves the others blocked in their next collective, and torch's gloo default is 30
-minutes of a job doing nothing (NCCL's and DeepSpeed's default is 10). The deadline must
-still outlast the longest *legitimate* wait between collectives: rank 0 writing a
-checkpoint or evaluating while the others wait, a first step that compiles kernels
-(DeepSpeed's CPU ops take about a minute), slow storage. Ten minutes covers those on
-common jobs and ends a stuck one at the first collective past it, with a timeout error
-on the waiting ranks; raise it for multi-minute checkpoint writes. A rank that *exits* usually
-ends the job sooner: its peers' sockets close, and torchrun, mpiexec and ``srun
---kill-on-bad-exit`` stop the remaining ranks when one fails.
-
-This module and :mod:`distnorm.comm` are the only ones that call ``torch.distributed``:
-comm for the layers' collectives, this one to create and destroy the default process
-group.
+NCCL when CUDA is available (rank on GPU ``LOCAL_RANK``), gloo otherwise. Every
+collective has a deadline, :data:`DEFAULT_TIMEOUT` unless the caller or
+``DISTNORM_TIMEOUT_S`` says otherwise: short enough to end a job whose rank hung (torch's
+gloo default is 30 minutes), long enough for legitimate waits (a checkpoint written by
+rank 0, a first step compiling kernels; ``docs/launching.md``). With
+:mod:`distnorm.comm`, the only module that calls ``torch.distributed``.
 """
 
 from __future__ import annotations

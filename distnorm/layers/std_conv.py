@@ -1,52 +1,25 @@
 """Weight Standardization: convolutions whose filters are standardized before every use.
 
-Maths: Qiao, Wang, Liu, Shen & Yuille (2019), "Micro-Batch Training with Batch-Channel
-Normalization and Weight Standardization", arXiv:1903.10520, Sec. 3 (the definition of
-W-hat). A convolution's weight is read as a matrix W of O rows (output channels) by
-I = C_in/groups * prod(kernel_size) columns, and each row is standardized::
+Maths: Qiao, Wang, Liu, Shen & Yuille (2019), arXiv:1903.10520, Sec. 3. The weight, read
+as O rows (output channels) of I = C_in/groups * prod(kernel_size) values, is standardized
+row by row, with no affine (the normalization after the convolution supplies one)::
 
-    W_hat[i, j] = (W[i, j] - mu_i) / sigma_i
-    mu_i        = 1/I * sum_j W[i, j]
-    sigma_i     = sqrt(1/I * sum_j W[i, j]^2 - mu_i^2 + eps)
-    y           = W_hat * x
+    W_hat[i, j] = (W[i, j] - mu_i) / sigma_i,   mu_i = mean_j W[i, j],   y = W_hat * x
 
-with no affine transform of W_hat: the paper puts WS only in front of a normalization
-layer (BN, GN, ...) that supplies one. Gradients flow through mu_i and sigma_i, which is
-the point of the method (Sec. 3: WS "normalizes the gradients" and smooths the loss
-landscape); plain autograd differentiates the few operations above exactly.
+Gradients flow through mu_i and sigma_i (the method's point: Sec. 3). Two published sigmas:
+``variant="paper"`` (default), ``sqrt(var_i + eps)`` with the biased variance, as timm's
+``StdConv2d`` (so BiT / ViT-hybrid weights load and match), eps 1e-6; and
+``variant="official"``, the authors' PyTorch layer, ``std_i + eps`` with the unbiased
+std, eps 1e-5. They differ by sqrt(I / (I - 1)) plus the eps term: a following norm
+removes the scale, but outputs are not interchangeable bit for bit. Keep "paper"'s eps
+well below the filters' variance (about 1/(3I) at torch's default init).
 
-Published variants differ in sigma_i, so the layer offers both:
-
-* ``variant="paper"`` (default): the equation above, biased variance (1/I) with ``eps``
-  inside the square root. timm's ``StdConv2d`` computes exactly this (through
-  ``F.batch_norm`` on the reshaped weight) and is what the public BiT / ViT-hybrid
-  checkpoints were trained with, so weights from there load and give the same outputs.
-* ``variant="official"``: the authors' PyTorch layer in
-  github.com/joe-siyuan-qiao/WeightStandardization, ``torch.std_mean`` (unbiased, 1/(I-1))
-  with ``eps`` added to the standard deviation, ``(W - mu) / (std + eps)``. Use it to
-  reproduce results of that repository. (Its TensorFlow snippet differs again: biased
-  std, eps outside; not offered.)
-
-The two differ by the factor sqrt(I / (I - 1)) (about 1.06 at I = 9, 0.01% at I = 4608)
-plus the eps term; a following BatchNorm or GroupNorm removes a per-channel scale, so in a
-network they train alike, but outputs are not interchangeable bit for bit.
-
-``eps`` defaults to each variant's source: 1e-6 (timm's ``StdConv2d``; a variance) for
-"paper", 1e-5 (the official code; a standard deviation) for "official". For "paper", keep
-eps well below the per-filter weight variance (about 1/(3I) for torch's default init, 7e-5
-at I = 4608): timm's BiT models pass 1e-8.
-
-What it guarantees: ``state_dict`` keys are those of ``nn.Conv1d/2d/3d`` (``weight``,
-``bias``): the stored weight is the unstandardized W, and checkpoints load both ways. The
-layer has no state besides its parameters, so train and eval compute the same thing, and
-:meth:`standardized_weight` baked into a plain convolution reproduces its outputs
-exactly. Statistics are taken in fp32 (fp64 for fp64 weights) whatever the dtypes; the
-standardized weight and the bias are then cast to the input's dtype, so a bf16 input
-convolves in bf16. The weight keeps its memory format (channels_last stays so).
-
-What it costs: per forward, one fused var_mean over the weight (O * I values) and one
-elementwise pass; nothing over the activations. For export, a plain convolution holding
-:meth:`standardized_weight` saves even that.
+Guarantees: ``state_dict`` keys are ``nn.Conv1d/2d/3d``'s and the stored weight is the
+unstandardized W, so checkpoints load both ways; train and eval compute the same thing;
+:meth:`standardized_weight` baked into a plain convolution reproduces the outputs.
+Statistics in fp32 (fp64 for fp64 weights); the convolution in the input's dtype; the
+weight's memory format kept. Cost per forward: one fused var_mean over the O * I weights
+and one elementwise pass, nothing over the activations.
 """
 
 from __future__ import annotations

@@ -7,23 +7,20 @@ BatchNorm, Peng et al. 2018, "MegDet")::
     mu = 1/m sum x,   sigma^2 = 1/m sum (x - mu)^2,   xhat = (x - mu) / sqrt(sigma^2 + eps)
     y = gamma xhat + beta,   dx = gamma / sqrt(sigma^2 + eps) (g - mean(g) - xhat mean(g xhat))
 
-with every sum and mean over all ranks.
-
-Guarantees: exactly the concatenated batch's statistics for uneven and empty per-rank
-batches; each rank's moments summed about a per-channel shift K that all ranks hold bit for
-bit (the previous global mean; Chan, Golub & LeVeque 1983), so no large mean cancels in
-fp32; fp32 statistics and communication for half inputs; output in the input's dtype and
-memory format; running statistics as nn.BatchNorm's on the concatenated batch. Without
-peers, or in eval, it is torch's BatchNorm bit for bit.
+with every sum and mean over all ranks. Guarantees: exactly the concatenated batch's
+statistics for uneven and empty per-rank batches; each rank's moments summed about a
+per-channel shift K that all ranks hold bit for bit (the previous global mean; Chan, Golub
+& LeVeque 1983), so no large mean cancels in fp32; fp32 statistics and communication for
+half inputs; output in the input's dtype and memory format; running statistics as
+nn.BatchNorm's on the concatenated batch. Without peers, or in eval, it is torch's
+BatchNorm bit for bit.
 
 Checks, on the device (``check_sync``, ``nonfinite``): every collective carries a tag that
 tells whether all ranks were in the same one (:mod:`distnorm.comm`); a mismatched or
 non-finite batch leaves the shift and running statistics untouched on every rank, and
-:mod:`distnorm.health` raises or warns on the host, once a step, for the whole model.
-
-A forward recomputed in backward (activation checkpointing) updates no shift or running
-statistics a second time. With ``accumulation_steps=k`` the statistics are those of the
-group's last k micro-batches (:mod:`distnorm.layers.accumulation`).
+:mod:`distnorm.health` raises or warns on the host, once a step, for the whole model. A
+forward recomputed in backward (activation checkpointing) updates nothing a second time.
+``accumulation_steps=k``: the group's last k micro-batches (:mod:`.accumulation`).
 
 Cost per training call: one all-reduce of ``2C + 1`` values each way (plus the tag),
 whatever the world size (one more, once, to agree on K); the passes of torch's own

@@ -1,65 +1,24 @@
 """The decision rules: per-worker batch, world layout and model facts in, a Plan out.
 
 Pure functions: no process groups, no environment, no modules; the same inputs always
-give the same plan, which is what lets a plan be tested as a table and replayed.
+give the same plan, which is what lets a plan be tested as a table and replayed. Per
+BatchNorm, the first rule that applies (the sources of each: ``docs/policy.md``):
 
-Defaults, and where they come from:
-
-* **Target: 32 samples per statistic.** BatchNorm's accuracy holds at 32 images per
-  worker and degrades quickly below 16 (Wu & He, 2018, "Group Normalization", ECCV,
-  Sec. 1 and Fig. 1: ResNet-50 ImageNet error vs. images per worker 32/16/8/4/2; the
-  "regime where BN matches its best").
-* **Per-worker batch >= target: local BatchNorm.** Nothing to gain from communication.
-* **Smaller: SyncBatchNorm over the smallest group of ranks reaching the target.**
-  Cross-GPU BatchNorm computes the exact statistics of the group's whole batch (Peng et
-  al., 2018, "MegDet", arXiv:1711.07240). Groups are consecutive ranks whose size
-  divides the world, kept inside one node when they fit (all-reduce over NVLink or shared
-  memory, not the network) and made of whole nodes otherwise: the grouping of NVIDIA's
-  MLPerf submissions (``bn_group`` of 2, 4 or 8 GPUs in apex's ``groupbn`` and
-  ``create_syncbn_process_group``). Small groups are preferred: the statistics are as
-  good as the target asks, and the collective's latency grows with the group.
-* **No group reaches the target, but gradient accumulation over k micro-batches (k > 1)
-  lets one: SyncBatchNorm over the smallest group g (the worker alone, g = 1, first) with
-  g x batch x k >= target, pooling each statistic over its group's last k micro-batches**
-  (``accumulation_steps=k`` on the layer; running statistics updated once per optimizer
-  step), with Weight Standardization of the convolutions feeding it (without, it trails
-  in the accuracy study, ``benchmarks/results/accuracy.md``). The statistics
-  then see as many samples as the optimizer step does, where each micro-batch alone
-  would give them ``batch`` (or ``g x batch``); no communication when the worker alone
-  suffices. Where the per-worker batch or a sync group reaches the
-  target, k changes nothing (a window would only make the statistics staler).
-* **No group reaches the target, but the largest allowed one reaches the floor (16
-  samples): SyncBatchNorm over it** (local BatchNorm when no group is allowed). Wu & He's
-  Fig. 1 has BN at 16 images per worker within 0.1 point of BN at 32 and ahead of GN,
-  behind GN at 8; the accuracy study here (``benchmarks/results/accuracy.md``) agrees.
-  Not for a fine-tuned backbone, which stays frozen below the target.
-* **No group reaches the floor, training from scratch: Batch Group Normalization +
-  Weight Standardization over the largest allowed group** (``bgn``; Zhou et al. 2020,
-  arXiv:2012.02782): BatchNorm whose statistics pool C/G channels, so even a few images
-  give them many values; one all-reduce each way, as SyncBN. With WS it was the best
-  normalization at every per-worker batch below 32 in the accuracy study here
-  (``benchmarks/results/accuracy.md``), ahead of GN+WS by 0.8-2.5 points. The policy may
-  choose ``gn_ws`` instead (GroupNorm + WS: statistics per sample, flat in the batch, no
-  communication; Wu & He, Fig. 1; Qiao et al., 2019, arXiv:1903.10520) or ``bcn``
-  (Batch-Channel Normalization + WS, its estimates pooled over the largest allowed group
-  with one forward all-reduce). G = 32 groups (Wu & He, Sec. 3.1), reduced to a divisor
-  of C by ``choose_num_groups``.
-* **No group reaches the target, fine-tuning a BN-pretrained model: FrozenBatchNorm in
-  the backbone.** Fine-tuning with a few images per GPU would re-estimate the pretrained
-  statistics from noise; detectron2 freezes them (``FrozenBatchNorm2d``, and its default
-  ``MODEL.RESNETS.NORM = "FrozenBN"``), as do torchvision's detection models with
-  pretrained backbones. What counts as the backbone is the policy's ``backbone``
-  patterns; BatchNorms outside it (a new head) get the from-scratch decision.
-* **No spatial extent** (``(N, C)`` or ``(N, C, 1, 1)`` inputs: after global pooling,
-  inside squeeze-and-excitation): GroupNorm there would average ``C/G`` values of one
-  sample, so such a layer, and one whose channels cannot be grouped, takes the largest
-  sync group the policy allows instead (local BatchNorm when there is none). Without a
-  sample input, a BatchNorm1d is assumed to see ``(N, C)`` (its use in MLP heads).
-* **A BatchNorm subclass computing the normalization in a forward of its own** (not a
-  norm-act layer registered with ``distnorm.register_norm_act``): only SyncBN keeps that
-  forward, so where another norm would be chosen it gets the largest allowed sync group.
-* **LayerNorm, GroupNorm, RMSNorm, InstanceNorm and anything else**: per-sample or
-  unknown statistics, left alone and listed.
+1. per-worker batch >= target (32 samples; Wu & He 2018, Fig. 1): local BatchNorm;
+2. else SyncBatchNorm over the smallest allowed group reaching the target (consecutive
+   ranks dividing the world, inside a node when they fit; Peng et al. 2018, MegDet);
+3. else, with k > 1 accumulated micro-batches, SyncBatchNorm over the smallest group g
+   (the worker alone first) with g x batch x k >= target, pooling its statistics over the
+   group's last k micro-batches (``accumulation_steps``), with Weight Standardization;
+4. else SyncBatchNorm over the largest allowed group if it reaches the floor (16 samples),
+   training from scratch or outside a fine-tuned backbone;
+5. else, from scratch (or in a fine-tuned model's new head): the policy's fallback, by
+   default Batch Group Norm + WS over the largest allowed group (Zhou et al. 2020), or
+   GroupNorm + WS, or BCN + WS (Qiao et al. 2019), with G from ``choose_num_groups``;
+6. else (fine-tuning, in the backbone): FrozenBatchNorm, as detectron2 does;
+7. layers without spatial extent, with channels that cannot be grouped, or with a forward
+   of their own take the largest allowed sync group instead of a grouped norm; LayerNorm,
+   GroupNorm, RMSNorm, InstanceNorm and unknown norms are left alone and listed.
 """
 
 from __future__ import annotations
