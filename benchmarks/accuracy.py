@@ -55,7 +55,7 @@ import distnorm
 from benchmarks import common
 
 NAME = "accuracy"
-ACCUMULATING_NORMS = ["sync_bn_accum", "policy_accum", "sync_bn_accum_no_ws", "policy_accum_no_ws"]
+ACCUMULATING_NORMS = ["sync_bn_accum", "bn_accum", "sync_bn_accum_no_ws", "policy_accum"]
 NORMS = ["bn", "sync_bn", "gn_ws", "bcn", "bgn", "bgn_no_ws", "policy", *ACCUMULATING_NORMS]
 # What the default policy is compared with: the normalizations that see one micro-batch.
 FIXED_NORMS = [n for n in NORMS if n != "policy" and n not in ACCUMULATING_NORMS]
@@ -275,6 +275,18 @@ def accumulated_plan(per_worker_batch: int, world_size: int, width: int, steps: 
     return f"{layer.norm}{group} k{layer.accumulation_steps}"
 
 
+def accumulated_alias(per_worker_batch: int, world_size: int, width: int, steps: int) -> str | None:
+    """The forced accumulating run whose conversion equals the policy's when told of
+    ``steps`` micro-batches ("sync_bn_accum": SyncBN over the world; "bn_accum": over each
+    worker alone), or None."""
+    plan = distnorm.plan(
+        small_cnn(width), per_worker_batch, world_size=world_size, accumulation_steps=steps
+    )
+    chosen = {(lp.norm, lp.sync_group_size, lp.accumulation_steps) for lp in plan.layers}
+    forced = {("sync_bn", world_size, steps): "sync_bn_accum", ("sync_bn", 1, steps): "bn_accum"}
+    return forced.get(chosen.pop()) if len(chosen) == 1 else None
+
+
 def accumulation_steps(args: Any, batch: int) -> int:
     """k for the accumulating runs at ``batch`` images per worker: ``--accumulate-to / b``,
     which must divide the micro-batches of an optimizer step (the weights are fixed over
@@ -327,7 +339,13 @@ def run(args: Any) -> list[dict[str, Any]]:
     def trained_as(r: dict[str, Any]) -> dict[str, Any]:
         """The run whose training gives ``r``'s result: a policy run that repeats a
         forced one is that one."""
-        alias = aliases[r["per_worker_batch"]] if r["norm"] == "policy" else None
+        alias = None
+        if r["norm"] == "policy":
+            alias = aliases[r["per_worker_batch"]]
+        elif r["norm"] == "policy_accum":
+            alias = accumulated_alias(
+                r["per_worker_batch"], args.world_size, args.width, r["accumulation_steps"]
+            )
         return r if alias is None else {**r, "norm": alias}
 
     planned = [
@@ -375,7 +393,7 @@ def run(args: Any) -> list[dict[str, Any]]:
         record = {**settings, **r, **cache.get({**settings, **trained_as(r)})}
         if r["norm"] == "policy":
             record["policy_choice"] = aliases[r["per_worker_batch"]] or "mixed"
-        elif r["norm"] in ("policy_accum", "policy_accum_no_ws"):
+        elif r["norm"] == "policy_accum":
             record["policy_choice"] = accumulated_plan(
                 r["per_worker_batch"], args.world_size, args.width, r["accumulation_steps"]
             )
@@ -459,7 +477,7 @@ def tables(records: list[dict[str, Any]], stats: dict, goals: dict[str, Any], re
             return "-"
         policy = norm.startswith("policy") and s["policy_choice"]
         choice = f" ({s['policy_choice']})" if policy else ""
-        if norm.startswith("sync_bn_accum"):
+        if norm in ACCUMULATING_NORMS and not norm.startswith("policy"):
             choice = f" (k{s['accumulation_steps']})"
         return f"{s['mean']:.1f} ± {s['std']:.1f}{choice}"
 
@@ -528,6 +546,7 @@ def figure(stats: dict[tuple[str, int], dict[str, Any]], world_size: int) -> Any
             marker="o",
             capsize=3,
             linestyle="--" if norm.startswith("policy") else ":" if "no_ws" in norm else "-",
+            color=plt.get_cmap("tab20")(i),  # more lines than the default cycle's 10 colours
             label=common.NORM_LABELS[norm],
         )
     reference = stats.get(("bn", 32))

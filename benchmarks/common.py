@@ -58,9 +58,9 @@ NORM_LABELS = {
     "bgn_no_ws": "BGN without WS",
     "policy": "policy default",
     "sync_bn_accum": "distnorm SyncBN + accumulation (+ WS)",
-    "policy_accum": "policy + accumulation",
+    "bn_accum": "each worker's own + accumulation (+ WS)",
     "sync_bn_accum_no_ws": "SyncBN + accumulation, no WS",
-    "policy_accum_no_ws": "policy + accumulation, no WS",
+    "policy_accum": "policy + accumulation",
     "torch_sync_bn": "torch.nn.SyncBatchNorm",
 }
 
@@ -239,15 +239,15 @@ def normalize(
     (a key of :data:`NORM_LABELS`), in the current process group: "bn" leaves it as it
     is; "policy" lets :func:`distnorm.convert_model` plan for ``per_worker_batch``;
     "policy_accum" plans for it and ``accumulation_steps`` micro-batches per step;
-    "sync_bn_accum" is SyncBN over the world pooling ``accumulation_steps`` micro-batches;
-    "bgn_no_ws", "sync_bn_accum_no_ws" and "policy_accum_no_ws" are those without the
-    Weight Standardization they have by default;
+    "sync_bn_accum" is SyncBN over the world pooling ``accumulation_steps`` micro-batches,
+    "bn_accum" the same over each worker alone; "bgn_no_ws" and "sync_bn_accum_no_ws" are
+    those without the Weight Standardization they have by default;
     "sync_bn_group2" synchronizes groups of 2 consecutive ranks (created here, on every
     rank, as ``new_group`` requires); "torch_sync_bn" is torch's own (CUDA only)."""
     if norm == "bn":
         return model
     ws = False if norm.endswith("_no_ws") else None
-    if norm in ("policy", "policy_accum", "policy_accum_no_ws"):
+    if norm in ("policy", "policy_accum"):
         if per_worker_batch is None:
             raise ValueError("the policy's choice needs the per-worker batch size")
         return distnorm.convert_model(
@@ -256,10 +256,12 @@ def normalize(
             accumulation_steps=accumulation_steps,
             weight_standardization=ws,
         )
-    if norm in ("sync_bn_accum", "sync_bn_accum_no_ws"):
+    if norm in ("sync_bn_accum", "sync_bn_accum_no_ws", "bn_accum"):
+        group = consecutive_group(1) if norm == "bn_accum" else None
         return distnorm.convert_model(
-            model, norm="sync_bn", accumulation_steps=accumulation_steps, weight_standardization=ws
-        )
+            model, norm="sync_bn", process_group=group, accumulation_steps=accumulation_steps,
+            weight_standardization=ws,
+        )  # fmt: skip
     if norm == "sync_bn_group2":
         return distnorm.convert_model(model, norm="sync_bn", process_group=consecutive_group(2))
     if norm == "torch_sync_bn":

@@ -136,7 +136,7 @@ def test_accuracy(tmp_path, monkeypatch):
     for r in records:
         if r["norm"] in accuracy.ACCUMULATING_NORMS:
             assert r["accumulation_steps"] == 2
-        if r["norm"] in ("policy_accum", "policy_accum_no_ws"):
+        if r["norm"] == "policy_accum":
             assert r["policy_choice"] == "bgn g2 k1"
     # at 2 processes, 2 or 4 images each reach neither the 32-sample target nor the floor
     # of 16: the policy picks BGN+WS over both ranks, which is the forced BGN run itself

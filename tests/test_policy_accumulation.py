@@ -55,19 +55,19 @@ def decide(batch: int, world: int, steps: int, **kwargs) -> tuple[Plan, LayerPla
 
 
 # (batch, world, k) -> (sync group, k) chosen by accumulation, with 8 ranks per node and
-# the target of 32: the smallest g in (1, allowed groups) with g x batch x k >= 32.
+# the target of 32: the largest allowed group g, if g x batch x k >= 32.
 @pytest.mark.parametrize(
     ("batch", "world", "steps", "group"),
     [
-        (2, 8, 4, 4),  # 1x2x4 = 8, 2x2x4 = 16, 4x2x4 = 32: four ranks
-        (2, 8, 2, 8),  # only the whole world: 8x2x2 = 32
-        (4, 2, 4, 2),  # 1x4x4 = 16, 2x4x4 = 32
-        (2, 4, 16, 1),  # the worker alone: 1x2x16 = 32, no communication
-        (1, 2, 32, 1),
-        (4, 4, 3, 4),  # 2x4x3 = 24 < 32, 4x4x3 = 48
+        (2, 8, 4, 8),  # 8x2x4 = 64: the whole world (a node), though 4 ranks would reach 32
+        (2, 8, 2, 8),  # 8x2x2 = 32
+        (4, 2, 4, 2),  # 2x4x4 = 32
+        (2, 4, 16, 4),  # the worker alone would reach 32 too; the group's window is larger
+        (1, 2, 32, 2),
+        (4, 4, 3, 4),  # 4x4x3 = 48
     ],
 )
-def test_accumulation_pools_over_the_smallest_group_reaching_the_target(
+def test_accumulation_pools_over_the_largest_allowed_group(
     batch: int, world: int, steps: int, group: int
 ) -> None:
     plan, layer = decide(batch, world, steps)
