@@ -11,7 +11,6 @@ distnorm.NORMS["bgn"]                     # what each norm= name is (layer, sync
 """
 
 from distnorm.builders import norm_layer
-from distnorm.comm import even_steps
 from distnorm.convert import (
     ConversionReport,
     conversion_report,
@@ -53,6 +52,7 @@ from distnorm.policy import (
     per_worker_batch_size_from_config,
     plan,
 )
+from distnorm.uneven import even_steps
 
 __version__ = "0.1.0"
 

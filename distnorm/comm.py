@@ -1,4 +1,4 @@
-"""Collectives for distnorm's layers: the only module that talks to ``torch.distributed``.
+"""Collectives for distnorm's layers: the one module through which they reach other ranks.
 
 Layers hold an opaque process-group handle (``None`` meaning the default group) and ask
 this module two things: how many ranks share their statistics, and to sum a packed buffer
@@ -12,21 +12,28 @@ all-reduce of a layer can queue behind gradient buckets already launched; a grou
 the statistics alone (``convert_model(model, process_group=dist.new_group(ranks))``, on
 every rank) gives them their own. Whether that should be the default wants a measurement on
 two or more GPUs, which this project has not had: it is not, for now.
+
+The job's layout (:mod:`distnorm.world`) and uneven epochs (:mod:`distnorm.uneven`) live
+beside it; their names stay importable from here.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from distnorm.errors import DistNormError, SyncMismatchError
+from distnorm.world import _LAUNCHERS as _LAUNCHERS
+from distnorm.world import WorldLayout as WorldLayout
+from distnorm.world import _env_int as _env_int
+from distnorm.world import world_layout as world_layout
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -262,80 +269,6 @@ def mismatch_message(label: str, phase: str, group: Group, call: int | None) -> 
     )
 
 
-# --- Uneven numbers of batches ---------------------------------------------------------
-
-Batch = TypeVar("Batch")
-_EXHAUSTED = object()
-
-
-def even_steps(
-    batches: Iterable[Batch],
-    group: Group = None,
-    empty: Callable[[Batch | None], Batch] | None = None,
-) -> Iterator[Batch]:
-    """This rank's ``batches``, then empty batches for as long as any other rank of
-    ``group`` still has one, so that every rank takes the same number of training steps.
-
-    The end of an epoch, when one rank has a batch more than another, is where
-    synchronized layers meet unequal control flow: the rank with the extra batch enters a
-    collective that no other rank joins. Synchronized layers take empty batches exactly
-    (an empty rank joins each collective and adds nothing), so padding the short ranks'
-    epochs with empty batches keeps the statistics those of the real samples, and the
-    layers' call counts equal. Each step costs one extra all-reduce of 2 values.
-
-    ``empty(last_batch)`` builds the empty batch (``last_batch`` is None on a rank that got
-    no batch at all); by default every tensor in the last batch, in tuples, lists and
-    dicts, sliced to its first 0 samples. The training step must accept it: a loss that is
-    0 on an empty batch (a mean over 0 samples is NaN, which would reach every rank
-    through the gradients), e.g. ``loss = criterion(out, y) if len(y) else out.sum() * 0``.
-    Leaving the loop early on one rank (``break``) recreates the problem; every rank must
-    run it to its end. With DDP this plays the role of ``DistributedDataParallel.join``,
-    which shadows only DDP's own collectives and so cannot be used with synchronized
-    layers; DDP's gradient average then counts the empty ranks, as ``join`` does by default
-    (``divide_by_initial_world_size=True``).
-    """
-    if group is LOCAL or not is_initialized():
-        yield from batches
-        return
-    nccl = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-    iterator = iter(batches)
-    last: Any = None
-    while True:
-        batch = next(iterator, _EXHAUSTED)
-        exhausted = batch is _EXHAUSTED
-        cannot_pad = exhausted and last is None and empty is None
-        # [ranks with a batch, ranks that have none and cannot make an empty one]
-        flags = torch.tensor([float(not exhausted), float(cannot_pad)], device=device)
-        busy, stuck = all_reduce_sum_(flags, group).tolist()
-        if busy == 0:
-            return
-        if stuck:
-            raise DistNormError(
-                f"even_steps: {int(stuck)} rank(s) of {describe_group(group)} got no batch at "
-                "all and cannot build an empty one to step with; pass empty=... (a function "
-                "of None returning an empty batch) or give every rank at least one batch"
-            )
-        if exhausted:
-            batch = (empty or _empty_like)(last)
-        else:
-            last = batch
-        yield batch
-
-
-def _empty_like(batch: Any) -> Any:
-    """``batch`` with every tensor sliced to its first 0 samples (dim 0)."""
-    if isinstance(batch, Tensor):
-        return batch[:0]
-    if isinstance(batch, Mapping):
-        return type(batch)({key: _empty_like(value) for key, value in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_make"):  # a namedtuple
-        return batch._make(_empty_like(item) for item in batch)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_empty_like(item) for item in batch)
-    return batch
-
-
 # --- Groups in copies and pickles ------------------------------------------------------
 #
 # A ProcessGroup cannot be pickled or deep-copied, yet EMA and SWA copies (copy.deepcopy),
@@ -422,99 +355,6 @@ def describe_group(group: Group | PortableGroup = None) -> str:
     return f"{size} of {dist.get_world_size()} ranks"
 
 
-# --- World layout and sync groups -------------------------------------------------------
-#
-# The normalization policy needs three numbers before any layer exists: how many ranks
-# there are, which one this is, and how many share a node (a sync group inside a node
-# all-reduces over NVLink/shared memory, one across nodes over the network). They come
-# from explicit arguments, else the initialized process group, else the launcher's
-# environment, in that order.
-
-
-@dataclass(frozen=True)
-class WorldLayout:
-    """How the ranks of a data-parallel job are laid out.
-
-    ``ranks_per_node`` is ``None`` when nothing says (no argument, no launcher variable);
-    the policy then puts no node constraint on sync groups. ``source`` says where the
-    numbers came from, for the plan's log line.
-    """
-
-    world_size: int
-    rank: int
-    ranks_per_node: int | None
-    source: str
-
-
-# (launcher, world-size variable, rank variable, ranks-per-node variable), in the order
-# they are trusted. Each launcher's node size is read only together with its own world
-# size: under SLURM + torchrun, SLURM_NTASKS_PER_NODE counts torchrun agents (often 1),
-# while torchrun's LOCAL_WORLD_SIZE counts the training processes on the node.
-_LAUNCHERS = (
-    ("torchrun", "WORLD_SIZE", "RANK", "LOCAL_WORLD_SIZE"),
-    ("Open MPI", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
-    ("MPICH/PMI", "PMI_SIZE", "PMI_RANK", "MPI_LOCALNRANKS"),
-    ("SLURM", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_NTASKS_PER_NODE"),
-)
-
-
-def _env_int(variable: str) -> int | None:
-    value = os.environ.get(variable)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise DistNormError(
-            f"environment variable {variable}={value!r} is not an integer; fix or unset it, "
-            "or pass world_size / ranks_per_node explicitly"
-        ) from None
-
-
-def world_layout(world_size: int | None = None, ranks_per_node: int | None = None) -> WorldLayout:
-    """World size, this rank and ranks per node: explicit arguments win, then the
-    initialized process group, then the launcher's environment (torchrun, Open MPI,
-    MPICH/PMI, SLURM), then a single process.
-
-    ``world_size`` given explicitly (planning for a job that is not this one) makes the
-    rank 0 unless the process group or launcher describes a world of that same size.
-    Raises :class:`DistNormError` for sizes below 1.
-    """
-    launcher = next(
-        (
-            (name, _env_int(size_var), _env_int(rank_var), _env_int(local_var))
-            for name, size_var, rank_var, local_var in _LAUNCHERS
-            if _env_int(size_var) is not None
-        ),
-        None,
-    )
-    if is_initialized():
-        detected = (dist.get_world_size(), dist.get_rank(), "process group")
-    elif launcher is not None:
-        detected = (launcher[1], launcher[2] or 0, f"{launcher[0]} environment")
-    else:
-        detected = (1, 0, "single process (no process group or launcher found)")
-
-    size, rank_, source = detected
-    if world_size is not None:
-        if world_size != size:
-            rank_ = 0
-        size, source = world_size, "arguments"
-    local = ranks_per_node
-    if local is None and launcher is not None and launcher[1] == size:
-        local = launcher[3]
-    elif local is not None:
-        source = "arguments" if world_size is not None else f"{source} and arguments"
-
-    if size < 1:
-        raise DistNormError(f"world size must be at least 1, got {size} (from {source})")
-    if local is not None and local < 1:
-        raise DistNormError(f"ranks per node must be at least 1, got {local} (from {source})")
-    if not 0 <= rank_ < size:
-        raise DistNormError(f"rank {rank_} is outside a world of {size} ranks (from {source})")
-    return WorldLayout(size, rank_, local, source)
-
-
 # This rank's sync group of each size, and the default group they were made in (a new
 # default group, after destroy_process_group and init_process_group, voids them).
 _sync_groups: dict[int, Group] = {}
@@ -561,3 +401,13 @@ def sync_group(group_size: int) -> Group:
             if me in members:
                 _sync_groups[group_size] = group
     return _sync_groups[group_size]
+
+
+def __getattr__(name: str) -> Any:
+    """``even_steps`` (and its helper) from :mod:`distnorm.uneven`, which imports this
+    module and so is loaded on first use."""
+    if name in ("even_steps", "_empty_like"):
+        from distnorm import uneven
+
+        return getattr(uneven, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,6 +46,7 @@ from distnorm.surgery import (
     standardized_conv,
     where,
 )
+from distnorm.world import world_layout
 
 logger = get_logger(__name__)
 
@@ -176,7 +177,7 @@ def plan_targets(
 ) -> Callable[[str, _BatchNorm], LayerTarget]:
     """Each layer's target under ``plan``, with the plan's sync groups made up front by
     ``make_group`` (in the plan's order, on every rank, as torch requires)."""
-    live_world = comm.world_layout().world_size
+    live_world = world_layout().world_size
     if plan.world_size != live_world:
         raise ConversionError(
             f"the plan was made for a world of {plan.world_size} ranks but this job has "

@@ -13,15 +13,15 @@ or DeepSpeed made it: described, not replaced); torchrun-style variables (``RANK
 ``env://`` rendezvous; MPI (``mpi4py``'s ``COMM_WORLD``, rank 0 broadcasting a TCP store's
 address, so no port to agree on); SLURM tasks of ``srun`` with ``MASTER_ADDR``/``PORT``
 exported; otherwise a single process (a one-rank group on request). The numbers come from
-:func:`distnorm.comm.world_layout`, the one reader of launcher variables; the
+:func:`distnorm.world.world_layout`, the one reader of launcher variables; the
 torchrun-style variables are then set for libraries that read them later.
 
 NCCL when CUDA is available (rank on GPU ``LOCAL_RANK``), gloo otherwise. Every
 collective has a deadline, :data:`DEFAULT_TIMEOUT` unless the caller or
 ``DISTNORM_TIMEOUT_S`` says otherwise: short enough to end a job whose rank hung (torch's
 gloo default is 30 minutes), long enough for legitimate waits (a checkpoint written by
-rank 0, a first step compiling kernels; ``docs/launching.md``). With
-:mod:`distnorm.comm`, the only module that calls ``torch.distributed``.
+rank 0, a first step compiling kernels; ``docs/launching.md``). Besides :mod:`.comm`,
+:mod:`.world` and :mod:`.uneven`, the only module that calls ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distnorm import comm
 from distnorm.errors import DistNormError
 from distnorm.logs import get_logger
+from distnorm.world import world_layout
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -49,7 +49,7 @@ DEFAULT_TIMEOUT = timedelta(minutes=10)
 TIMEOUT_VARIABLE = "DISTNORM_TIMEOUT_S"
 
 # Variables that say which kind of launcher started this process (the numbers themselves
-# are read by comm.world_layout).
+# are read by world.world_layout).
 _ENV_RENDEZVOUS = ("WORLD_SIZE",)
 _MPI_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 _SLURM_VARIABLES = ("SLURM_NTASKS", "SLURM_PROCID")
@@ -138,7 +138,7 @@ def init_distributed(
     if launcher == "MPI":
         rank, world_size, local_rank, local_size, store = _mpi_rendezvous(timeout)
     else:
-        layout = comm.world_layout()
+        layout = world_layout()
         rank, world_size, local_size = layout.rank, layout.world_size, layout.ranks_per_node
         local_rank = _local_rank(launcher)
         store = None
@@ -224,7 +224,7 @@ def _existing_group(timeout: timedelta) -> DistributedContext:
 
 
 def _launcher() -> str:
-    """Which rendezvous applies, in the precedence of comm.world_layout."""
+    """Which rendezvous applies, in the precedence of world.world_layout."""
     if any(os.environ.get(v) for v in _ENV_RENDEZVOUS):
         return "torchrun-style environment"
     if any(os.environ.get(v) for v in _MPI_VARIABLES):
@@ -279,7 +279,7 @@ def _mpi_rendezvous(
     try:
         from mpi4py import MPI
     except ImportError:
-        layout = comm.world_layout()
+        layout = world_layout()
         local = _env_int("OMPI_COMM_WORLD_LOCAL_RANK", _env_int("MPI_LOCALRANKID", 0))
         return layout.rank, layout.world_size, local, layout.ranks_per_node or 0, None
 

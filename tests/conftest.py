@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distnorm.comm import _LAUNCHERS
+from distnorm.world import _LAUNCHERS
 
 # Every environment variable through which a launcher tells distnorm the world's layout.
 LAUNCHER_VARIABLES = [v for _, *variables in _LAUNCHERS for v in variables]

@@ -2,7 +2,7 @@
 
 The one impure step before the pure rules: it reads the world layout (explicit
 arguments, else the process group or the launcher's environment, via
-:func:`distnorm.comm.world_layout`), optionally runs a sample input through the model to
+:func:`distnorm.world.world_layout`), optionally runs a sample input through the model to
 measure what each normalization layer sees, and logs the result on rank 0. It decides
 nothing itself and creates no process group.
 """
@@ -16,7 +16,6 @@ from typing import Any
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distnorm import comm
 from distnorm.errors import PolicyError
 from distnorm.logs import get_logger
 from distnorm.policy.batch_config import (
@@ -27,6 +26,7 @@ from distnorm.policy.config import Policy, load_policy
 from distnorm.policy.facts import NormFact, collect_facts
 from distnorm.policy.plans import Plan
 from distnorm.policy.rules import make_plan, unused_overrides
+from distnorm.world import WorldLayout, world_layout
 
 logger = get_logger(__name__)
 
@@ -97,7 +97,7 @@ def decide(
     pretrained: bool | None = None,
     policy: str | os.PathLike[str] | Mapping[str, Any] | Policy | None = None,
     sample_input: Any = None,
-) -> tuple[Plan, tuple[NormFact, ...], Policy, comm.WorldLayout]:
+) -> tuple[Plan, tuple[NormFact, ...], Policy, WorldLayout]:
     """:func:`plan` without its log: the plan, and the facts, policy and world layout it
     was made from."""
     if isinstance(model, DistributedDataParallel):
@@ -105,7 +105,7 @@ def decide(
             "plan got a DistributedDataParallel wrapper; plan (and convert) the model first "
             "and wrap it afterwards, so that layer names match"
         )
-    layout = comm.world_layout(world_size, ranks_per_node)
+    layout = world_layout(world_size, ranks_per_node)
     if not isinstance(per_worker_batch_size, int) or isinstance(per_worker_batch_size, bool):
         if not isinstance(per_worker_batch_size, (str, os.PathLike, Mapping)):
             raise PolicyError(
