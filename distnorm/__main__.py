@@ -1,10 +1,11 @@
 """distnorm's command line: ``python -m distnorm plan MODEL --per-worker-batch B ...``.
 
-Prints the normalization plan for a model without launching anything, so that a job's
+``plan`` prints the normalization plan for a model without launching anything, so that a job's
 normalization can be checked (or a policy tried) on a laptop for a 64-GPU run. MODEL is
 ``package.module:factory``, a callable taking no arguments that returns an
 ``nn.Module``: ``torchvision.models:resnet50``, ``timm.models:resnet50d``, or the
-repository's ``distnorm.examples:small_resnet``.
+repository's ``distnorm.examples:small_resnet``. ``norms`` lists the normalizations
+(``norm=`` names) and their properties, from the registry :data:`distnorm.NORMS`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ import torch
 from torch import nn
 
 from distnorm.errors import DistNormError
+from distnorm.norms import NORMS
 from distnorm.policy import available_policies, plan
+from distnorm.table import format_table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, or 2 for a refused request)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "norms":
+        sys.stdout.write(_norms_table() + "\n")
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         model = _load_model(args.model)
@@ -53,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m distnorm", description=__doc__.split("\n\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "norms",
+        help="list the normalizations and their properties",
+        description="List the norm= names distnorm knows, with their layers and properties.",
+    )
     plan_parser = commands.add_parser(
         "plan",
         help="print the normalization plan for a model",
@@ -103,6 +114,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan_parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
+
+
+def _norms_table() -> str:
+    """The registry as a table: one row per normalization."""
+
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "-"
+
+    rows = [
+        (
+            norm.name,
+            norm.label,
+            "unchanged" if norm.layer is None else norm.layer.__name__,
+            yes(norm.synchronizes),
+            yes(norm.grouped),
+            yes(norm.accumulates),
+            "yes" if norm.ws_default else "when accumulating" if norm.accumulates else "-",
+            yes(norm.forceable),
+        )
+        for norm in NORMS.values()
+    ]
+    header = ("norm=", "label", "layer", "syncs", "groups", "accumulates", "WS", "forceable")
+    return format_table(header, rows)
 
 
 def _load_model(spec: str) -> nn.Module:

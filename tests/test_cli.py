@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distnorm
 from distnorm.__main__ import main
 from distnorm.examples import small_resnet
 from distnorm.policy import Plan
@@ -137,3 +138,14 @@ def test_bad_arguments_are_usage_errors(capsys, args) -> None:
         main(["plan", *args])
     assert exit_.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_norms_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["norms"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["norm=", "label", "layer"]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert list(rows) == list(distnorm.NORMS)
+    assert rows["sync_bn"].split()[2:6] == ["SyncBatchNorm", "yes", "-", "yes"]
+    assert "when accumulating" in rows["sync_bn"]
+    assert rows["bgn"].split()[:3] == ["bgn", "BGN+WS", "BatchGroupNorm"]
