@@ -10,10 +10,9 @@ the estimates (no gradient through them), about the *old* estimate::
     Z_c = gamma_c (X_c - mu_hat_c) / sqrt(sigma_hat_c^2 + eps) + beta_c        (batch part)
     Y_ng = gamma'_g (Z_ng - mean(Z_ng)) / sqrt(var(Z_ng) + eps) + beta'_g       (GroupNorm)
 
-In eval the estimates stay as they are. ``estimated=False`` ("large-batch BCN") makes the
-batch part ordinary BatchNorm: :class:`SyncBatchNorm`'s core, over the process group. The
-estimates are the ``running_mean``/``running_var`` buffers (``group_weight``/``group_bias``
-are the additions to BatchNorm's keys); r defaults to 0.1, BatchNorm's momentum.
+In eval the estimates stay. ``estimated=False`` ("large-batch BCN"): the batch part is
+:class:`SyncBatchNorm`'s. Estimates are ``running_mean``/``running_var`` (``group_weight``
+and ``group_bias`` are added to BatchNorm's keys); r defaults to BatchNorm's momentum.
 
 Guarantees: the estimates move with the statistics of the whole group's batch, from one
 all-reduce of ``2C + 1`` values, identical on every rank, exact for uneven and empty

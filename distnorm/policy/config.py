@@ -1,11 +1,8 @@
 """Normalization policies: the knobs of the decision rules, loaded from YAML and checked.
 
-A policy is a small YAML file (``distnorm/policy/configs/<name>.yaml`` for the ones that
-ship, loaded by name; any other file by path) or a dict. Every key is optional: a missing
-key takes the default of ``default.yaml``, so a user policy states only what it changes.
-Unknown keys and values of the wrong kind are errors that name the key, because a typo
-in a policy would otherwise silently fall back to a default and train with the wrong
-normalization.
+A policy is a YAML file (shipped ones in ``distnorm/policy/configs/`` by name, others by
+path) or a dict; a missing key takes ``default.yaml``'s value. Unknown keys and values of
+the wrong kind are errors naming the key: a typo would otherwise train with a default.
 
 Schema (dotted key: meaning)::
 
