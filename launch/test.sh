@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/setup_env.sh
-lint_paths=(distnorm tests benchmarks launch)
+lint_paths=(distnorm tests benchmarks launch tools)
 "${PYTHON:-python3}" -m ruff check "${lint_paths[@]}"
 "${PYTHON:-python3}" -m ruff format --check "${lint_paths[@]}"
 exec "${PYTHON:-python3}" -m pytest "$@"
