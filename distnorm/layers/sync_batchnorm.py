@@ -91,7 +91,7 @@ class _SyncState(health.Reporter):
         channels = input.size(1)
         checked = layer.check_sync is not False
         steps = layer.accumulation_steps
-        self.key = (input.device, dtype, groups, group, checked, steps)
+        self.key = self.key_for(layer, input, groups, group)
         self.groups = groups
         # Gradient accumulation: the statistics of the last ``steps`` micro-batches.
         self.window = StatisticsWindow(steps, groups, like) if steps > 1 else None
@@ -113,6 +113,13 @@ class _SyncState(health.Reporter):
         self.traced = torch.compiler.is_compiling()
         self._like = like
         self._constants: dict[str, tuple[Hashable, Any]] = {}
+
+    @staticmethod
+    def key_for(layer: SyncBatchNorm, input: Tensor, groups: int, group: comm.Group) -> Hashable:
+        """What a state is made for: a training call with another key needs a new one."""
+        dtype = kernels.stats_dtype(input.dtype)
+        checked = layer.check_sync is not False
+        return (input.device, dtype, groups, group, checked, layer.accumulation_steps)
 
     def prepare(self, input: Tensor) -> None:
         """Everything a training call on ``input`` reads besides the input, made before the
@@ -530,9 +537,7 @@ class SyncBatchNorm(_BatchNorm):
         shift agreed on with one more collective); the call announced to
         :mod:`distnorm.health`, unless it recomputes a forward (no announcement, no count)."""
         state = self._sync
-        key = (input.device, kernels.stats_dtype(input.dtype), groups, group,
-               self.check_sync is not False, self.accumulation_steps)  # fmt: skip
-        first = state is None or state.key != key
+        first = state is None or state.key != _SyncState.key_for(self, input, groups, group)
         if first:
             state = self._sync = _SyncState(self, input, groups, group)
         elif state.traced:
@@ -541,7 +546,8 @@ class SyncBatchNorm(_BatchNorm):
         compiling = torch.compiler.is_compiling()
         state.recomputing = recomputing()
         if not state.recomputing:
-            state.calls += 0 if compiling else 1
+            if not compiling:
+                state.calls += 1
             if state.window is not None:
                 state.window.advance_host(compiling)
         if first and shifted:
