@@ -265,26 +265,22 @@ def policy_same_as(per_worker_batch: int, world_size: int, width: int) -> str | 
     return None
 
 
-def accumulated_plan(per_worker_batch: int, world_size: int, width: int, steps: int) -> str:
-    """What the policy chooses for the first layer when told of ``steps`` micro-batches per
-    step, in a few words (e.g. "sync_bn g1 k16")."""
-    layer = distnorm.plan(
-        small_cnn(width), per_worker_batch, world_size=world_size, accumulation_steps=steps
-    ).layers[0]
-    group = "" if layer.sync_group_size is None else f" g{layer.sync_group_size}"
-    return f"{layer.norm}{group} k{layer.accumulation_steps}"
-
-
-def accumulated_alias(per_worker_batch: int, world_size: int, width: int, steps: int) -> str | None:
-    """The forced accumulating run whose conversion equals the policy's when told of
-    ``steps`` micro-batches ("sync_bn_accum": SyncBN over the world; "bn_accum": over each
-    worker alone), or None."""
+def accumulated_policy(
+    per_worker_batch: int, world_size: int, width: int, steps: int
+) -> tuple[str, str | None]:
+    """What the policy chooses when told of ``steps`` micro-batches per step: in a few
+    words, for its first layer (e.g. "sync_bn g2 k16"), and the forced accumulating run
+    whose conversion equals it, layer for layer ("sync_bn_accum": SyncBN over the world;
+    "bn_accum": over each worker alone), or None."""
     plan = distnorm.plan(
         small_cnn(width), per_worker_batch, world_size=world_size, accumulation_steps=steps
     )
+    first = plan.layers[0]
+    group = "" if first.sync_group_size is None else f" g{first.sync_group_size}"
     chosen = {(lp.norm, lp.sync_group_size, lp.accumulation_steps) for lp in plan.layers}
     forced = {("sync_bn", world_size, steps): "sync_bn_accum", ("sync_bn", 1, steps): "bn_accum"}
-    return forced.get(chosen.pop()) if len(chosen) == 1 else None
+    alias = forced.get(chosen.pop()) if len(chosen) == 1 else None
+    return f"{first.norm}{group} k{first.accumulation_steps}", alias
 
 
 def accumulation_steps(args: Any, batch: int) -> int:
@@ -335,6 +331,11 @@ def run(args: Any) -> list[dict[str, Any]]:
         for b in args.per_worker_batch
         if "policy" in args.norms
     }
+    accumulated = {
+        b: accumulated_policy(b, args.world_size, args.width, steps)
+        for b, steps in accumulating.items()
+        if "policy_accum" in args.norms
+    }
 
     def trained_as(r: dict[str, Any]) -> dict[str, Any]:
         """The run whose training gives ``r``'s result: a policy run that repeats a
@@ -343,9 +344,7 @@ def run(args: Any) -> list[dict[str, Any]]:
         if r["norm"] == "policy":
             alias = aliases[r["per_worker_batch"]]
         elif r["norm"] == "policy_accum":
-            alias = accumulated_alias(
-                r["per_worker_batch"], args.world_size, args.width, r["accumulation_steps"]
-            )
+            alias = accumulated[r["per_worker_batch"]][1]
         return r if alias is None else {**r, "norm": alias}
 
     planned = [
@@ -394,9 +393,7 @@ def run(args: Any) -> list[dict[str, Any]]:
         if r["norm"] == "policy":
             record["policy_choice"] = aliases[r["per_worker_batch"]] or "mixed"
         elif r["norm"] == "policy_accum":
-            record["policy_choice"] = accumulated_plan(
-                r["per_worker_batch"], args.world_size, args.width, r["accumulation_steps"]
-            )
+            record["policy_choice"] = accumulated[r["per_worker_batch"]][0]
         records.append(record)
     return records
 
