@@ -87,13 +87,13 @@ class StatisticsWindow:
             self.gradients.copy_(rows)
         return rows.sum(dim=0).view(2, self.groups)
 
-    def finish(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def finish(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """End a partial step (an optimizer step before k micro-batches): the statistics of
         this step's micro-batches (slots before ``phase``), whether there were any, and the
         phase back to 0. Returns ``(mean, var, count, ok)``."""
         mask = self.slots.lt(self.phase).to(self.rows.dtype).unsqueeze(1)
-        mean = like.new_empty(self.groups)
-        var = like.new_empty(self.groups)
+        mean = self.rows.new_empty(self.groups)
+        var = self.rows.new_empty(self.groups)
         count = _pooled(self.rows * mask, self.groups, mean, var)
         ok = count.gt(1)
         self.phase.zero_()

@@ -573,13 +573,11 @@ class SyncBatchNorm(_BatchNorm):
     def _finish_partial_step(self) -> None:
         """Before an optimizer step: if fewer than k micro-batches were made since the
         last step ended, update the running statistics from them, and start a new step."""
-        state = self._sync
-        window = None if state is None else state.window
-        if window is None or window.host_phase == 0:
+        if not self._mid_step():
             return
-        assert state is not None
+        assert self._sync is not None and self._sync.window is not None
         with torch.no_grad():
-            mean, var, count, ok = window.finish(state.zero)
+            mean, var, count, ok = self._sync.window.finish()
             if self.track_running_stats:
                 self._update_running_stats(mean, var, count, ok, False)
 
