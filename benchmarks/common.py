@@ -246,21 +246,17 @@ def normalize(
     rank, as ``new_group`` requires); "torch_sync_bn" is torch's own (CUDA only)."""
     if norm == "bn":
         return model
-    ws = False if norm.endswith("_no_ws") else None
     if norm in ("policy", "policy_accum"):
         if per_worker_batch is None:
             raise ValueError("the policy's choice needs the per-worker batch size")
         return distnorm.convert_model(
-            model,
-            per_worker_batch_size=per_worker_batch,
-            accumulation_steps=accumulation_steps,
-            weight_standardization=ws,
+            model, per_worker_batch_size=per_worker_batch, accumulation_steps=accumulation_steps
         )
     if norm in ("sync_bn_accum", "sync_bn_accum_no_ws", "bn_accum"):
         group = consecutive_group(1) if norm == "bn_accum" else None
         return distnorm.convert_model(
             model, norm="sync_bn", process_group=group, accumulation_steps=accumulation_steps,
-            weight_standardization=ws,
+            weight_standardization=False if norm == "sync_bn_accum_no_ws" else None,
         )  # fmt: skip
     if norm == "sync_bn_group2":
         return distnorm.convert_model(model, norm="sync_bn", process_group=consecutive_group(2))
