@@ -161,6 +161,14 @@ def test_one_fixed_size_collective_each_way_per_micro_batch(accumulated: list[di
             assert backward == [("all_reduce", width)]
 
 
+def two_steps_of_batchnorm() -> nn.BatchNorm2d:
+    """nn.BatchNorm2d after one call per step on each of the first two steps' batches."""
+    reference = nn.BatchNorm2d(CHANNELS).double()
+    for step in range(2):
+        reference(torch.cat([data(step, j, r)[0] for j in range(K) for r in range(2)]))
+    return reference
+
+
 def _ddp_no_sync(rank: int, world_size: int) -> list[torch.Tensor]:
     """The layer under DDP, gradients accumulated with no_sync(), an SGD step per k."""
     layer = distnorm.SyncBatchNorm2d(CHANNELS, accumulation_steps=K).double()
@@ -180,9 +188,7 @@ def _ddp_no_sync(rank: int, world_size: int) -> list[torch.Tensor]:
 
 
 def test_ddp_no_sync_steps_update_running_statistics_per_step() -> None:
-    reference = nn.BatchNorm2d(CHANNELS).double()
-    for step in range(2):
-        reference(torch.cat([data(step, j, r)[0] for j in range(K) for r in range(2)]))
+    reference = two_steps_of_batchnorm()
     for mean, var, tracked in run_on_ranks(_ddp_no_sync, 2):
         torch.testing.assert_close(mean, reference.running_mean, rtol=0, atol=1e-12)
         torch.testing.assert_close(var, reference.running_var, rtol=0, atol=1e-12)
@@ -215,9 +221,7 @@ def _deepspeed_steps(rank: int, world_size: int) -> list[torch.Tensor]:
 def test_deepspeed_gradient_accumulation_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("deepspeed")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    reference = nn.BatchNorm2d(CHANNELS).double()
-    for step in range(2):
-        reference(torch.cat([data(step, j, r)[0] for j in range(K) for r in range(2)]))
+    reference = two_steps_of_batchnorm()
     for mean, var, tracked in run_on_ranks(_deepspeed_steps, 2, timeout_s=300):
         torch.testing.assert_close(mean.double(), reference.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(var.double(), reference.running_var, rtol=1e-5, atol=1e-6)
